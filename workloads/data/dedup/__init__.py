@@ -1,0 +1,1 @@
+"""Deduplication on Ray Data: exact (hash of normalised text) and, later, MinHash-LSH."""

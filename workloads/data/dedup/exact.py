@@ -1,0 +1,191 @@
+"""Exact deduplication on Ray Data: one document per hash of normalised text.
+
+    python ray_jobs/dedup_exact.py --config ray_jobs/configs/dedup_exact/local.yaml
+    python ray_jobs/dedup_exact.py --config ray_jobs/configs/dedup_exact/local.yaml \
+        input.path=s3://bucket/corpus/ output.path=s3://bucket/dedup/ normalize.lowercase=true
+
+Stages (each a Parquet folder under output.path; a rerun resumes at the first missing one):
+  _stages/ingest       every record read, parsed and hashed (bad ones carry `reject_reason`)
+  rejects/             the bad records with their reason and raw text
+  _stages/hash_groups  one row per distinct hash: (text_hash, keeper = lowest id, size)
+  removed/             (id, duplicate_of) for every document that is not its group's keeper
+  kept/                the kept documents (id, text, meta, source, line)
+
+Only (id, text_hash) pairs are shuffled to find duplicates; the full text is shuffled once, in the
+join that writes kept/, against the much smaller table of duplicate groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from workloads.common.config import DataJobConfig
+from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
+from workloads.common.manifest import JobFailed, JobManifest
+from workloads.common.ray_runtime import init_ray
+from workloads.common.storage import OutputLayout
+from workloads.data.dedup.normalize import NormalizeConfig, normalize_text
+
+log = logging.getLogger(__name__)
+
+EXACT_DUPLICATE = "exact_duplicate"
+KEPT_COLUMNS = ["id", "text", "meta", "source", "line"]
+INGEST_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("text_hash", pa.string()))
+REJECTS_SCHEMA = pa.schema([DOCUMENT_SCHEMA.field(c) for c in ("id", "source", "line", "reject_reason", "raw")])
+HASH_GROUPS_SCHEMA = pa.schema([("text_hash", pa.string()), ("keeper", pa.string()), ("size", pa.int64())])
+REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("duplicate_of", pa.string())])
+KEPT_SCHEMA = pa.schema([DOCUMENT_SCHEMA.field(c) for c in KEPT_COLUMNS])
+
+
+class DuplicateIdsError(JobFailed):
+    """Two documents with the same text share an id, so 'keep the lowest id' cannot pick one."""
+
+
+class ExactDedupConfig(DataJobConfig):
+    normalize: NormalizeConfig = Field(
+        default_factory=NormalizeConfig, description="What counts as the same text before hashing."
+    )
+    num_partitions: int = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="Hash partitions for the group-by and joins. On a cluster, about 4 per GB of (id, hash) "
+        "pairs and at least the number of CPUs.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch logic (plain functions; map_batches calls them, unit tests call them directly)
+
+
+def text_hash(text: str, normalize: NormalizeConfig) -> str:
+    """128-bit BLAKE2b of the normalised text, hex. 128 bits: no collision in any real corpus."""
+    return hashlib.blake2b(normalize_text(text, normalize).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def add_text_hash(batch: pa.Table, *, normalize: NormalizeConfig) -> pa.Table:
+    """Append `text_hash` (null for rejected rows, whose text is null)."""
+    hashes = [None if t is None else text_hash(t, normalize) for t in batch.column("text").to_pylist()]
+    return batch.append_column("text_hash", pa.array(hashes, pa.string()))
+
+
+def not_keeper(batch: pa.Table) -> pa.Table:
+    """Rows of (id, text_hash, keeper) whose id is not the keeper -> (id, duplicate_of)."""
+    removed = batch.filter(pc.not_equal(batch["id"], batch["keeper"]))
+    return pa.table({"id": removed["id"], "duplicate_of": removed["keeper"]})
+
+
+def keepers_only(batch: pa.Table) -> pa.Table:
+    """Rows of documents left-joined with duplicate groups: keep singletons and each group's keeper."""
+    keep = pc.or_kleene(pc.is_null(batch["keeper"]), pc.equal(batch["id"], batch["keeper"]))
+    return batch.filter(pc.fill_null(keep, True)).select(KEPT_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run(cfg: ExactDedupConfig) -> JobManifest:
+    from ray.data.aggregate import Count, Min
+    from ray.data.expressions import col
+
+    files = list_input_files(cfg.input)  # a missing input fails here, before Ray starts
+    manifest = JobManifest("dedup_exact", cfg)
+    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
+    init_ray(cfg.ray)
+
+    read, write = out.read_dataset, out.write_dataset
+
+    def stage(name: str, produce):
+        with manifest.stage(name) as timing:
+            result = out.run_stage(name, produce)
+            timing.resumed = result.resumed
+        return result
+
+    def ingest(folder: str) -> dict:
+        ds = read_documents(cfg.input, files).map_batches(
+            add_text_hash, batch_format="pyarrow", fn_kwargs={"normalize": cfg.normalize}
+        )
+        write(ds, folder, INGEST_SCHEMA)
+        return {"rows": read("_stages/ingest").count()}
+
+    read_rows = stage("_stages/ingest", ingest).info["rows"]
+
+    def docs(columns: list[str]):
+        return read("_stages/ingest", columns + ["reject_reason"]).filter(
+            expr=col("reject_reason").is_null()
+        ).select_columns(columns)
+
+    def rejects(folder: str) -> dict:
+        bad = read("_stages/ingest", ["id", "source", "line", "reject_reason", "raw"]).filter(
+            expr=col("reject_reason").is_not_null()
+        )
+        write(bad, folder, REJECTS_SCHEMA)
+        by_reason = (
+            read("rejects", ["reject_reason"])
+            .groupby("reject_reason")
+            .count()
+            .take_all()
+        )
+        return {"by_reason": {r["reject_reason"]: r["count()"] for r in by_reason}}
+
+    rejected = stage("rejects", rejects).info["by_reason"]
+
+    def hash_groups(folder: str) -> dict:
+        groups = (
+            docs(["id", "text_hash"])
+            .groupby("text_hash", num_partitions=cfg.num_partitions)
+            .aggregate(Min("id", alias_name="keeper"), Count(alias_name="size"))
+        )
+        write(groups, folder, HASH_GROUPS_SCHEMA)
+        return {"groups": read("_stages/hash_groups").count()}
+
+    groups = stage("_stages/hash_groups", hash_groups).info["groups"]
+
+    def duplicate_groups():
+        return read("_stages/hash_groups", ["text_hash", "keeper", "size"]).filter(
+            expr=col("size") > 1
+        ).select_columns(["text_hash", "keeper"])
+
+    def removed(folder: str) -> dict:
+        pairs = docs(["id", "text_hash"]).join(
+            duplicate_groups(), join_type="inner", num_partitions=cfg.num_partitions, on=("text_hash",)
+        )
+        write(pairs.map_batches(not_keeper, batch_format="pyarrow"), folder, REMOVED_SCHEMA)
+        return {"rows": read("removed").count()}
+
+    n_removed = stage("removed", removed).info["rows"]
+
+    def kept(folder: str) -> dict:
+        joined = docs([*KEPT_COLUMNS, "text_hash"]).join(
+            duplicate_groups(), join_type="left_outer", num_partitions=cfg.num_partitions, on=("text_hash",)
+        )
+        write(joined.map_batches(keepers_only, batch_format="pyarrow"), folder, KEPT_SCHEMA)
+        return {"rows": read("kept").count()}
+
+    n_kept = stage("kept", kept).info["rows"]
+
+    manifest.read = read_rows
+    manifest.kept = n_kept
+    manifest.dropped = {EXACT_DUPLICATE: n_removed} if n_removed else {}
+    manifest.rejected = rejected
+    manifest.outputs = {name: out.path(name) for name in ("kept", "removed", "rejects")}
+    manifest.extra = {"distinct_texts": groups, "input_files": len(files[1])}
+    if not cfg.output.keep_intermediate:
+        out.clear("_stages")
+    manifest.finished_at = time.time()
+    out.write_json(out.path("_manifest.json"), manifest.to_dict())
+    manifest.reconcile()
+    if n_kept != groups:
+        raise DuplicateIdsError(
+            f"kept {n_kept} documents for {groups} distinct texts: {n_kept - groups} documents share both "
+            f"their text and their id ({cfg.input.id_field!r}) with another. Ids must be unique; set "
+            "input.id_field=null to use <file>:<line> ids."
+        )
+    return manifest
