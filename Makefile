@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help
+.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -50,6 +50,11 @@ models/tiny-llama/tiny_model.json: data/sample/planted.json
 demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json
 	$(PY) ray_jobs/dedup_exact.py --config ray_jobs/configs/dedup_exact/local.yaml ray.data_progress_bars=false
 	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_exact
+	$(PY) ray_jobs/dedup_minhash.py --config ray_jobs/configs/dedup/minhash-local.yaml ray.data_progress_bars=false
+	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_minhash
+
+bench-dedup: setup
+	$(PY) bench/dedup_bench.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

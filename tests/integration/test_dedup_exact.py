@@ -12,7 +12,7 @@ import pytest
 from workloads.common.config import load_config
 from workloads.data.dedup.exact import DuplicateIdsError, ExactDedupConfig, run, text_hash
 from workloads.data.dedup.normalize import NormalizeConfig
-from workloads.data.sample import score_dedup
+from workloads.data.sample import score_output
 
 REPO_CONFIG = "ray_jobs/configs/dedup_exact/local.yaml"
 
@@ -40,11 +40,7 @@ def test_planted_exact_and_reformatted_copies_are_removed_and_nothing_else(
     out, manifest = dedup_run
     truth = json.loads((sample_corpus / "planted.json").read_text())
     removed = {r["id"]: r["duplicate_of"] for r in pq.read_table(out / "removed").to_pylist()}
-    rejects = [
-        (r["source"], r["line"], r["reject_reason"])
-        for r in pq.read_table(out / "rejects").to_pylist()
-    ]
-    rows = {name: (planted, found) for name, planted, found in score_dedup(truth, removed, rejects)}
+    rows = {name: (planted, found) for name, planted, found in score_output(truth, out)}
     for kind in ("exact", "reformat"):
         planted, found = rows[f"duplicates: {kind}"]
         assert planted > 0 and found == planted

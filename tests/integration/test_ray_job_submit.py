@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from workloads.data.sample import score_dedup
+from workloads.data.sample import score_output
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -100,7 +100,7 @@ def ray_head():
     # then anything left that belongs to its temp dir.
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     for p in psutil.process_iter(["cmdline"]):
@@ -144,15 +144,8 @@ def test_dedup_exact_through_ray_job_submit(ray_head, sample_corpus, tmp_path):
         counts["rejected"].values()
     )
 
-    import pyarrow.parquet as pq
-
     truth = json.loads((sample_corpus / "planted.json").read_text())
-    removed = {r["id"]: r["duplicate_of"] for r in pq.read_table(out / "removed").to_pylist()}
-    rejects = [
-        (r["source"], r["line"], r["reject_reason"])
-        for r in pq.read_table(out / "rejects").to_pylist()
-    ]
-    rows = {name: (planted, found) for name, planted, found in score_dedup(truth, removed, rejects)}
+    rows = {name: (planted, found) for name, planted, found in score_output(truth, out)}
     assert rows["duplicates: exact"][0] == rows["duplicates: exact"][1] > 0
     assert sum(counts["rejected"].values()) == len(truth["malformed"])
 

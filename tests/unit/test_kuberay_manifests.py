@@ -114,4 +114,4 @@ def test_rayjob_entrypoint_names_a_real_job_and_config(name, doc):
     script = Path(args[1].removeprefix("/home/ray/app/"))
     config = Path(args[args.index("--config") + 1].removeprefix("/home/ray/app/"))
     assert (REPO / script).is_file() and (REPO / config).is_file()
-    assert config.parent.name == script.stem
+    assert f"ray_jobs/{script.stem}.py --config {config}" in (REPO / config).read_text()

@@ -9,6 +9,7 @@ import re
 
 from workloads.common.documents import parse_jsonl_lines
 from workloads.data import sample
+from workloads.data.sample import read_corpus_texts
 
 
 def _shingles(text: str, n: int = 5) -> set[str]:
@@ -17,21 +18,7 @@ def _shingles(text: str, n: int = 5) -> set[str]:
 
 
 def _records(out) -> dict[str, dict]:
-    records = {}
-    for path in sorted((out / "corpus").glob("*.jsonl")):
-        for raw in path.read_bytes().splitlines():
-            try:
-                r = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if (
-                isinstance(r, dict)
-                and isinstance(r.get("id"), str)
-                and isinstance(r.get("text"), str)
-                and r["text"].strip()
-            ):
-                records[r["id"]] = r
-    return records
+    return {i: {"text": t} for i, t in read_corpus_texts(out / "corpus").items()}
 
 
 def test_planted_variants_have_the_promised_properties(sample_corpus):

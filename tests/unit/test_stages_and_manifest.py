@@ -81,3 +81,29 @@ def test_stage_timer_records_resumed_flag():
     with m.stage("a") as t:
         t.resumed = True
     assert m.stages[0].name == "a" and m.stages[0].resumed
+
+
+def test_a_stage_that_lost_a_ray_worker_is_redone_and_a_bug_is_not(tmp_path):
+    from ray.exceptions import RayTaskError, WorkerCrashedError
+
+    calls: list[int] = []
+
+    def flaky(folder: str) -> dict:
+        calls.append(1)
+        (tmp_path / "s" / f"attempt-{len(calls)}.txt").write_text("partial")
+        if len(calls) == 1:
+            raise RayTaskError("map", "traceback", WorkerCrashedError())
+        return {"rows": 3}
+
+    result = OutputLayout(str(tmp_path), "fp").run_stage("s", flaky)
+    assert result.info == {"rows": 3} and len(calls) == 2
+    assert not (tmp_path / "s" / "attempt-1.txt").exists()  # the redo started from an empty folder
+
+    def buggy(folder: str) -> dict:
+        calls.append(1)
+        raise ValueError("a bug in the stage")
+
+    with pytest.raises(ValueError):
+        OutputLayout(str(tmp_path), "fp").run_stage("t", buggy)
+    assert len(calls) == 3  # user errors are not retried
+    assert OutputLayout(str(tmp_path), "fp").finished("t") is None

@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from workloads.common.storage import OutputLayout
 
 _VERSIONED_PACKAGES = (
     "llm-ray-workloads",
@@ -142,3 +145,13 @@ class JobManifest:
         line = f"+-{'-' * width}-+-{'-' * vwidth}-+"
         body = [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows]
         return "\n".join([f"{self.job} summary", line, *body, line])
+
+
+def finish_job(manifest: JobManifest, out: OutputLayout, keep_intermediate: bool) -> JobManifest:
+    """Write `<output>/_manifest.json`, then fail the job if the counts do not reconcile."""
+    if not keep_intermediate:
+        out.clear("_stages")
+    manifest.finished_at = time.time()
+    out.write_json(out.path("_manifest.json"), manifest.to_dict())
+    manifest.reconcile()
+    return manifest

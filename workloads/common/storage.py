@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import posixpath
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from workloads.common.manifest import JobManifest
+
+log = logging.getLogger(__name__)
 
 GLOB_CHARS = "*?["
 SUCCESS_MARKER = "_SUCCESS.json"
@@ -157,18 +165,67 @@ class OutputLayout:
             self.path(name), filesystem=self.fs, columns=columns, file_extensions=["parquet"]
         )
 
-    def run_stage(self, name: str, produce: Callable[[str], dict[str, Any] | None]) -> StageResult:
+    def run_stage(
+        self,
+        name: str,
+        produce: Callable[[str], dict[str, Any] | None],
+        manifest: JobManifest | None = None,
+        attempts: int = 3,
+    ) -> StageResult:
         """Run `produce(folder)` unless the stage is finished; record its returned info in the marker.
 
-        A stale or half-written folder is deleted first, so a stage never mixes two runs' files.
+        A stale or half-written folder is deleted first, so a stage never mixes two runs' files. When
+        Ray loses a worker, actor, node or object under the stage (beyond what Ray Data's own task
+        retries absorb), the stage is redone from an empty folder, up to `attempts` times: every
+        stage is a deterministic function of finished stages, so the redo writes the same rows.
         """
-        marker = self.finished(name)
-        if marker is not None:
-            return StageResult(name, self.path(name), True, marker.get("info", {}))
-        self.clear(name)
-        self.fs.create_dir(self.path(name), recursive=True)
-        info = produce(self.path(name)) or {}
-        self.write_json(
-            self._marker(name), {"fingerprint": self.fingerprint, "stage": name, "info": info}
-        )
-        return StageResult(name, self.path(name), False, info)
+        timing = manifest.stage(name) if manifest is not None else nullcontext(SimpleNamespace())
+        with timing as t:
+            marker = self.finished(name)
+            if marker is not None:
+                t.resumed = True
+                return StageResult(name, self.path(name), True, marker.get("info", {}))
+            for attempt in range(1, attempts + 1):
+                self.clear(name)
+                self.fs.create_dir(self.path(name), recursive=True)
+                try:
+                    info = produce(self.path(name)) or {}
+                    break
+                except Exception as exc:
+                    if attempt == attempts or not is_lost_ray_resource(exc):
+                        raise
+                    log.warning(
+                        "stage %s lost a Ray resource (%s); redoing it (attempt %d of %d)",
+                        name,
+                        type(exc).__name__,
+                        attempt + 1,
+                        attempts,
+                    )
+            payload = {"fingerprint": self.fingerprint, "stage": name, "info": info}
+            self.write_json(self._marker(name), payload)
+            return StageResult(name, self.path(name), False, info)
+
+
+def is_lost_ray_resource(exc: BaseException | None) -> bool:
+    """True when `exc` (or what it wraps) says Ray lost a process, node or object, not user code."""
+    try:
+        from ray import exceptions as rex
+    except ImportError:
+        return False
+    names = (
+        "WorkerCrashedError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "ObjectLostError",
+        "NodeDiedError",
+        "OwnerDiedError",
+        "ObjectReconstructionFailedError",
+    )
+    lost = tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, lost):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False

@@ -39,7 +39,16 @@ SHINGLE = 5
 # A base document is dropped when this share of its shingles already appears in accepted ones, so
 # the planted pairs are the only near duplicates in the corpus (stdlib repeats docstrings: _pyio/io).
 MAX_SHARED_SHINGLES = 0.2
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip", "__pycache__"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+}
 _WORD = re.compile(r"\S+")
 
 
@@ -77,8 +86,7 @@ def _pydoc_topics() -> list[BaseDoc]:
     return out
 
 
-def _stdlib_docstrings() -> list[BaseDoc]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+def _module_docstrings(root: Path, label: str) -> list[BaseDoc]:
     out: list[BaseDoc] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
@@ -92,9 +100,12 @@ def _stdlib_docstrings() -> list[BaseDoc]:
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
             # A module's docstrings, in source order, packed into documents of MIN..MAX words.
-            nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef)))]
+            nodes = [
+                tree,
+                *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))),
+            ]
             texts = [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d.split()) >= 8]
-            out.extend(_paragraph_docs(f"stdlib:{module}", module, "\n\n".join(texts)))
+            out.extend(_paragraph_docs(f"{label}:{module}", module, "\n\n".join(texts)))
     return out
 
 
@@ -103,11 +114,20 @@ def _shingles(text: str) -> set[str]:
     return {" ".join(words[i : i + SHINGLE]) for i in range(max(1, len(words) - SHINGLE + 1))}
 
 
-def base_documents() -> list[BaseDoc]:
-    """Distinct documents: no two share more than MAX_SHARED_SHINGLES of their word 5-grams."""
+def base_documents(site_packages: bool = False) -> list[BaseDoc]:
+    """Distinct documents: no two share more than MAX_SHARED_SHINGLES of their word 5-grams.
+
+    The pydoc topics and the standard library give about 1,000 documents (2 MB). With
+    `site_packages`, the docstrings of every installed package join them (tens of MB in this
+    project's venv): the larger corpus the benchmarks scale with.
+    """
+    paths = sysconfig.get_paths()
+    sources = _pydoc_topics() + _module_docstrings(Path(paths["stdlib"]), "stdlib")
+    if site_packages:
+        sources += _module_docstrings(Path(paths["purelib"]), "site-packages")
     seen: set[str] = set()
     accepted: list[BaseDoc] = []
-    for doc in _pydoc_topics() + _stdlib_docstrings():
+    for doc in sources:
         sh = _shingles(doc.text)
         if len(sh & seen) > MAX_SHARED_SHINGLES * len(sh):
             continue
@@ -123,8 +143,10 @@ def base_documents() -> list[BaseDoc]:
 def reformat(text: str, rng: random.Random) -> str:
     """Whitespace-only changes: re-wrap paragraphs, double some spaces, add trailing blanks."""
     width = rng.randint(50, 90)
-    paras = [textwrap.fill(p, width=width, break_on_hyphens=False, break_long_words=False)
-             for p in re.split(r"\n\s*\n", text)]
+    paras = [
+        textwrap.fill(p, width=width, break_on_hyphens=False, break_long_words=False)
+        for p in re.split(r"\n\s*\n", text)
+    ]
     out = "\n\n".join(paras)
     out = re.sub(r" ", lambda m: "  " if rng.random() < 0.05 else " ", out)
     return out + "\n" * rng.randint(1, 2)
@@ -153,27 +175,55 @@ def _malformed_lines(n_each: int, rng: random.Random) -> list[tuple[bytes, str]]
     for k in range(n_each):
         tag = f"bad-{k:03d}"
         lines += [
-            (f'{{"id": "{tag}-json", "text": "unterminated string'.encode(), reasons.MALFORMED_JSON),
-            (b'{"id": "' + tag.encode() + b'-utf8", "text": "caf\xe9 cr\xe8me"}', reasons.INVALID_UTF8),
-            (json.dumps({"id": f"{tag}-missing", "body": "text under the wrong key"}).encode(), reasons.MISSING_TEXT),
-            (json.dumps({"id": f"{tag}-number", "text": rng.randint(1, 10**6)}).encode(), reasons.NON_STRING_TEXT),
+            (
+                f'{{"id": "{tag}-json", "text": "unterminated string'.encode(),
+                reasons.MALFORMED_JSON,
+            ),
+            (
+                b'{"id": "' + tag.encode() + b'-utf8", "text": "caf\xe9 cr\xe8me"}',
+                reasons.INVALID_UTF8,
+            ),
+            (
+                json.dumps({"id": f"{tag}-missing", "body": "text under the wrong key"}).encode(),
+                reasons.MISSING_TEXT,
+            ),
+            (
+                json.dumps({"id": f"{tag}-number", "text": rng.randint(1, 10**6)}).encode(),
+                reasons.NON_STRING_TEXT,
+            ),
             (json.dumps({"id": f"{tag}-empty", "text": " \n\t "}).encode(), reasons.EMPTY_TEXT),
             (json.dumps(["a list", "is not a document"]).encode(), reasons.NOT_AN_OBJECT),
-            (json.dumps({"id": {"nested": tag}, "text": "an id must be a string or integer"}).encode(),
-             reasons.INVALID_ID),
+            (
+                json.dumps(
+                    {"id": {"nested": tag}, "text": "an id must be a string or integer"}
+                ).encode(),
+                reasons.INVALID_ID,
+            ),
         ]
     return lines
 
 
-def build(out: Path, *, docs: int | None = None, seed: int = 0, shards: int = 4, exact_rate: float = 0.08,
-          reformat_rate: float = 0.05, near_rate: float = 0.08, malformed_each: int = 3) -> dict:
+def build(
+    out: Path,
+    *,
+    docs: int | None = None,
+    seed: int = 0,
+    shards: int = 4,
+    exact_rate: float = 0.08,
+    reformat_rate: float = 0.05,
+    near_rate: float = 0.08,
+    malformed_each: int = 3,
+    site_packages: bool = False,
+) -> dict:
     """Write `out/corpus/part-*.jsonl` and `out/planted.json`; return the planted ground truth."""
     rng = random.Random(seed)
-    base = base_documents()
+    base = base_documents(site_packages)
     rng.shuffle(base)
     if docs is not None:
         base = base[:docs]
-    vocabulary = sorted({w for d in base[:200] for w in d.text.split() if w.isalpha() and len(w) > 3})
+    vocabulary = sorted(
+        {w for d in base[:200] for w in d.text.split() if w.isalpha() and len(w) > 3}
+    )
 
     records: list[dict] = [{"text": d.text, "source": d.source, "title": d.title} for d in base]
     planted: dict[str, list[list[int]]] = {"exact": [], "reformat": [], "near": []}
@@ -217,6 +267,7 @@ def build(out: Path, *, docs: int | None = None, seed: int = 0, shards: int = 4,
     truth = {
         "seed": seed,
         "requested_docs": docs,
+        "site_packages": site_packages,
         "python": platform.python_version(),
         "records": len(lines),
         "documents": len(records),
@@ -232,9 +283,12 @@ def build(out: Path, *, docs: int | None = None, seed: int = 0, shards: int = 4,
 # Scoring a dedup output against what was planted
 
 
-def score_dedup(truth: dict, duplicate_of: dict[str, str], rejects: list[tuple[str, str]]) -> list[tuple[str, int, int]]:
+def score_dedup(
+    truth: dict, duplicate_of: dict[str, str], rejects: list[tuple[str, str]]
+) -> list[tuple[str, int, int]]:
     """(category, planted, found) rows. A planted pair is found when both ids land in one cluster;
     a malformed record is found when the job rejected it with the planted reason."""
+
     def cluster(doc_id: str) -> str:
         return duplicate_of.get(doc_id, doc_id)
 
@@ -245,7 +299,9 @@ def score_dedup(truth: dict, duplicate_of: dict[str, str], rejects: list[tuple[s
     planted_dups = {a for pairs in truth["pairs"].values() for a, b in pairs} | {
         b for pairs in truth["pairs"].values() for a, b in pairs
     }
-    unplanted = sum(1 for d, k in duplicate_of.items() if d not in planted_dups or k not in planted_dups)
+    unplanted = sum(
+        1 for d, k in duplicate_of.items() if d not in planted_dups or k not in planted_dups
+    )
     rows.append(("removed but not planted", 0, unplanted))
     want = {(m["file"], m["line"]): m["reason"] for m in truth["malformed"]}
     got = {(os.path.basename(src), line): reason for src, line, reason in rejects}
@@ -257,17 +313,41 @@ def score_dedup(truth: dict, duplicate_of: dict[str, str], rejects: list[tuple[s
     return rows
 
 
-def report(sample: Path, output: Path) -> str:
+def score_output(truth: dict, output: Path) -> list[tuple[str, int, int]]:
+    """score_dedup on a dedup job's output folder (its removed/ and rejects/)."""
     import pyarrow.parquet as pq
 
-    truth = json.loads((sample / "planted.json").read_text())
     removed = pq.read_table(output / "removed", columns=["id", "duplicate_of"]).to_pylist()
-    rejects = pq.read_table(output / "rejects", columns=["source", "line", "reject_reason"]).to_pylist()
-    rows = score_dedup(
+    rejects = pq.read_table(
+        output / "rejects", columns=["source", "line", "reject_reason"]
+    ).to_pylist()
+    return score_dedup(
         truth,
         {r["id"]: r["duplicate_of"] for r in removed},
         [(r["source"], r["line"], r["reject_reason"]) for r in rejects],
     )
+
+
+def read_corpus_texts(corpus: Path) -> dict[str, str]:
+    """{id: text} of the well-formed documents in a folder of JSONL files (malformed lines skipped)."""
+    texts: dict[str, str] = {}
+    for path in sorted(corpus.glob("*.jsonl")):
+        for raw in path.read_bytes().splitlines():
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if not isinstance(record, dict):
+                continue
+            doc_id, text = record.get("id"), record.get("text")
+            if isinstance(doc_id, str) and isinstance(text, str) and text.strip():
+                texts[doc_id] = text
+    return texts
+
+
+def report(sample: Path, output: Path) -> str:
+    truth = json.loads((sample / "planted.json").read_text())
+    rows = score_output(truth, output)
     width = max(len(r[0]) for r in rows)
     lines = [f"{'planted vs found':<{width}}  planted  found", "-" * (width + 16)]
     lines += [f"{name:<{width}}  {planted:>7}  {found:>5}" for name, planted, found in rows]
@@ -275,14 +355,22 @@ def report(sample: Path, output: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m workloads.data.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m workloads.data.sample",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write the corpus and planted.json")
     b.add_argument("--out", type=Path, default=Path("data/sample"))
     b.add_argument("--docs", type=int, default=None, help="base documents to use (default: all)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--shards", type=int, default=4)
+    b.add_argument(
+        "--site-packages",
+        action="store_true",
+        help="also use the docstrings of installed packages (a corpus of tens of MB)",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even if planted.json exists")
     r = sub.add_parser("report", help="score a dedup output against planted.json")
     r.add_argument("--sample", type=Path, default=Path("data/sample"))
@@ -292,13 +380,25 @@ def main(argv: list[str] | None = None) -> None:
         existing = args.out / "planted.json"
         if existing.exists() and not args.force:
             truth = json.loads(existing.read_text())
-            if (truth.get("seed"), truth.get("requested_docs")) == (args.seed, args.docs):
+            if (
+                truth.get("seed"),
+                truth.get("requested_docs"),
+                truth.get("site_packages", False),
+            ) == (args.seed, args.docs, args.site_packages):
                 print(f"{existing} exists ({truth['records']} records); --force rebuilds")
                 return
-        truth = build(args.out, docs=args.docs, seed=args.seed, shards=args.shards)
+        truth = build(
+            args.out,
+            docs=args.docs,
+            seed=args.seed,
+            shards=args.shards,
+            site_packages=args.site_packages,
+        )
         counts = {k: len(v) for k, v in truth["pairs"].items()}
-        print(f"wrote {truth['records']} records ({truth['base_documents']} base documents, planted {counts}, "
-              f"{len(truth['malformed'])} malformed) to {args.out / 'corpus'}")
+        print(
+            f"wrote {truth['records']} records ({truth['base_documents']} base documents, planted {counts}, "
+            f"{len(truth['malformed'])} malformed) to {args.out / 'corpus'}"
+        )
     else:
         print(report(args.sample, args.output))
 

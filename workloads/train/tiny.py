@@ -91,19 +91,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def _corpus_texts(corpus: Path | None) -> list[str]:
-    if corpus is not None:
-        texts = []
-        for path in sorted(corpus.glob("*.jsonl")):
-            for raw in path.read_bytes().splitlines():
-                try:
-                    record = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue  # the sample corpus plants malformed lines on purpose
-                if isinstance(record, dict) and isinstance(record.get("text"), str):
-                    texts.append(record["text"])
-        return texts
-    from workloads.data.sample import base_documents
+    from workloads.data.sample import base_documents, read_corpus_texts
 
+    if corpus is not None:
+        return list(read_corpus_texts(corpus).values())
     return [d.text for d in base_documents()]
 
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from workloads.common.config import DataJobConfig
+from workloads.common.config import DataJobConfig, InputConfig
 from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
-from workloads.common.manifest import JobFailed, JobManifest
+from workloads.common.manifest import JobFailed, JobManifest, finish_job
 from workloads.common.ray_runtime import init_ray
 from workloads.common.storage import OutputLayout
 from workloads.data.dedup.normalize import NormalizeConfig, normalize_text
@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 EXACT_DUPLICATE = "exact_duplicate"
 KEPT_COLUMNS = ["id", "text", "meta", "source", "line"]
 INGEST_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("text_hash", pa.string()))
-REJECTS_SCHEMA = pa.schema([DOCUMENT_SCHEMA.field(c) for c in ("id", "source", "line", "reject_reason", "raw")])
-HASH_GROUPS_SCHEMA = pa.schema([("text_hash", pa.string()), ("keeper", pa.string()), ("size", pa.int64())])
+REJECTS_SCHEMA = pa.schema(
+    [DOCUMENT_SCHEMA.field(c) for c in ("id", "source", "line", "reject_reason", "raw")]
+)
+HASH_GROUPS_SCHEMA = pa.schema(
+    [("text_hash", pa.string()), ("keeper", pa.string()), ("size", pa.int64())]
+)
 REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("duplicate_of", pa.string())])
 KEPT_SCHEMA = pa.schema([DOCUMENT_SCHEMA.field(c) for c in KEPT_COLUMNS])
 
@@ -66,12 +70,16 @@ class ExactDedupConfig(DataJobConfig):
 
 def text_hash(text: str, normalize: NormalizeConfig) -> str:
     """128-bit BLAKE2b of the normalised text, hex. 128 bits: no collision in any real corpus."""
-    return hashlib.blake2b(normalize_text(text, normalize).encode("utf-8"), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        normalize_text(text, normalize).encode("utf-8"), digest_size=16
+    ).hexdigest()
 
 
 def add_text_hash(batch: pa.Table, *, normalize: NormalizeConfig) -> pa.Table:
     """Append `text_hash` (null for rejected rows, whose text is null)."""
-    hashes = [None if t is None else text_hash(t, normalize) for t in batch.column("text").to_pylist()]
+    hashes = [
+        None if t is None else text_hash(t, normalize) for t in batch.column("text").to_pylist()
+    ]
     return batch.append_column("text_hash", pa.array(hashes, pa.string()))
 
 
@@ -88,104 +96,143 @@ def keepers_only(batch: pa.Table) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------
-# The job
+# Stages, shared with the MinHash job (which runs exact dedup first)
 
 
-def run(cfg: ExactDedupConfig) -> JobManifest:
-    from ray.data.aggregate import Count, Min
-    from ray.data.expressions import col
-
-    files = list_input_files(cfg.input)  # a missing input fails here, before Ray starts
-    manifest = JobManifest("dedup_exact", cfg)
-    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
-    init_ray(cfg.ray)
-
-    read, write = out.read_dataset, out.write_dataset
-
-    def stage(name: str, produce):
-        with manifest.stage(name) as timing:
-            result = out.run_stage(name, produce)
-            timing.resumed = result.resumed
-        return result
+def ingest_stages(
+    out: OutputLayout,
+    manifest: JobManifest,
+    input_cfg: InputConfig,
+    files,
+    normalize: NormalizeConfig,
+    num_partitions: int,
+) -> tuple[int, dict[str, int]]:
+    """`_stages/ingest` (every record, parsed and hashed) and `rejects/`. Returns (read, rejected by reason)."""
 
     def ingest(folder: str) -> dict:
-        ds = read_documents(cfg.input, files).map_batches(
-            add_text_hash, batch_format="pyarrow", fn_kwargs={"normalize": cfg.normalize}
+        ds = read_documents(input_cfg, files).map_batches(
+            add_text_hash, batch_format="pyarrow", fn_kwargs={"normalize": normalize}
         )
-        write(ds, folder, INGEST_SCHEMA)
-        return {"rows": read("_stages/ingest").count()}
-
-    read_rows = stage("_stages/ingest", ingest).info["rows"]
-
-    def docs(columns: list[str]):
-        return read("_stages/ingest", columns + ["reject_reason"]).filter(
-            expr=col("reject_reason").is_null()
-        ).select_columns(columns)
+        out.write_dataset(ds, folder, INGEST_SCHEMA)
+        return {"rows": out.read_dataset("_stages/ingest").count()}
 
     def rejects(folder: str) -> dict:
-        bad = read("_stages/ingest", ["id", "source", "line", "reject_reason", "raw"]).filter(
+        from ray.data.expressions import col
+
+        bad = out.read_dataset("_stages/ingest", REJECTS_SCHEMA.names).filter(
             expr=col("reject_reason").is_not_null()
         )
-        write(bad, folder, REJECTS_SCHEMA)
+        out.write_dataset(bad, folder, REJECTS_SCHEMA)
         by_reason = (
-            read("rejects", ["reject_reason"])
+            out.read_dataset("rejects", ["reject_reason"])
             .groupby("reject_reason")
             .count()
             .take_all()
         )
         return {"by_reason": {r["reject_reason"]: r["count()"] for r in by_reason}}
 
-    rejected = stage("rejects", rejects).info["by_reason"]
+    read_rows = out.run_stage("_stages/ingest", ingest, manifest).info["rows"]
+    rejected = out.run_stage("rejects", rejects, manifest).info["by_reason"]
+    return read_rows, rejected
+
+
+def valid_documents(out: OutputLayout, columns: list[str]):
+    """The ingested documents that were not rejected, as a Ray Dataset of `columns`."""
+    from ray.data.expressions import col
+
+    return (
+        out.read_dataset("_stages/ingest", [*columns, "reject_reason"])
+        .filter(expr=col("reject_reason").is_null())
+        .select_columns(columns)
+    )
+
+
+@dataclass
+class ExactResult:
+    distinct_texts: int
+    removed: int
+    kept: int
+
+
+def exact_stages(
+    out: OutputLayout,
+    manifest: JobManifest,
+    num_partitions: int,
+    id_field: str | None,
+    *,
+    removed_name: str = "removed",
+    kept_name: str = "kept",
+) -> ExactResult:
+    """`_stages/hash_groups`, then (id, duplicate_of) in `removed_name` and the kept documents in
+    `kept_name`. Needs `ingest_stages` first."""
+    from ray.data.aggregate import Count, Min
+    from ray.data.expressions import col
 
     def hash_groups(folder: str) -> dict:
         groups = (
-            docs(["id", "text_hash"])
-            .groupby("text_hash", num_partitions=cfg.num_partitions)
+            valid_documents(out, ["id", "text_hash"])
+            .groupby("text_hash", num_partitions=num_partitions)
             .aggregate(Min("id", alias_name="keeper"), Count(alias_name="size"))
         )
-        write(groups, folder, HASH_GROUPS_SCHEMA)
-        return {"groups": read("_stages/hash_groups").count()}
-
-    groups = stage("_stages/hash_groups", hash_groups).info["groups"]
+        out.write_dataset(groups, folder, HASH_GROUPS_SCHEMA)
+        return {"groups": out.read_dataset("_stages/hash_groups").count()}
 
     def duplicate_groups():
-        return read("_stages/hash_groups", ["text_hash", "keeper", "size"]).filter(
-            expr=col("size") > 1
-        ).select_columns(["text_hash", "keeper"])
+        return (
+            out.read_dataset("_stages/hash_groups", ["text_hash", "keeper", "size"])
+            .filter(expr=col("size") > 1)
+            .select_columns(["text_hash", "keeper"])
+        )
 
     def removed(folder: str) -> dict:
-        pairs = docs(["id", "text_hash"]).join(
-            duplicate_groups(), join_type="inner", num_partitions=cfg.num_partitions, on=("text_hash",)
+        pairs = valid_documents(out, ["id", "text_hash"]).join(
+            duplicate_groups(), join_type="inner", num_partitions=num_partitions, on=("text_hash",)
         )
-        write(pairs.map_batches(not_keeper, batch_format="pyarrow"), folder, REMOVED_SCHEMA)
-        return {"rows": read("removed").count()}
-
-    n_removed = stage("removed", removed).info["rows"]
+        out.write_dataset(
+            pairs.map_batches(not_keeper, batch_format="pyarrow"), folder, REMOVED_SCHEMA
+        )
+        return {"rows": out.read_dataset(removed_name).count()}
 
     def kept(folder: str) -> dict:
-        joined = docs([*KEPT_COLUMNS, "text_hash"]).join(
-            duplicate_groups(), join_type="left_outer", num_partitions=cfg.num_partitions, on=("text_hash",)
+        joined = valid_documents(out, [*KEPT_COLUMNS, "text_hash"]).join(
+            duplicate_groups(),
+            join_type="left_outer",
+            num_partitions=num_partitions,
+            on=("text_hash",),
         )
-        write(joined.map_batches(keepers_only, batch_format="pyarrow"), folder, KEPT_SCHEMA)
-        return {"rows": read("kept").count()}
+        out.write_dataset(
+            joined.map_batches(keepers_only, batch_format="pyarrow"), folder, KEPT_SCHEMA
+        )
+        return {"rows": out.read_dataset(kept_name).count()}
 
-    n_kept = stage("kept", kept).info["rows"]
-
-    manifest.read = read_rows
-    manifest.kept = n_kept
-    manifest.dropped = {EXACT_DUPLICATE: n_removed} if n_removed else {}
-    manifest.rejected = rejected
-    manifest.outputs = {name: out.path(name) for name in ("kept", "removed", "rejects")}
-    manifest.extra = {"distinct_texts": groups, "input_files": len(files[1])}
-    if not cfg.output.keep_intermediate:
-        out.clear("_stages")
-    manifest.finished_at = time.time()
-    out.write_json(out.path("_manifest.json"), manifest.to_dict())
-    manifest.reconcile()
+    groups = out.run_stage("_stages/hash_groups", hash_groups, manifest).info["groups"]
+    n_removed = out.run_stage(removed_name, removed, manifest).info["rows"]
+    n_kept = out.run_stage(kept_name, kept, manifest).info["rows"]
     if n_kept != groups:
         raise DuplicateIdsError(
             f"kept {n_kept} documents for {groups} distinct texts: {n_kept - groups} documents share both "
-            f"their text and their id ({cfg.input.id_field!r}) with another. Ids must be unique; set "
+            f"their text and their id ({id_field!r}) with another. Ids must be unique; set "
             "input.id_field=null to use <file>:<line> ids."
         )
-    return manifest
+    return ExactResult(distinct_texts=groups, removed=n_removed, kept=n_kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run(cfg: ExactDedupConfig) -> JobManifest:
+    files = list_input_files(cfg.input)  # a missing input fails here, before Ray starts
+    manifest = JobManifest("dedup_exact", cfg)
+    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
+    init_ray(cfg.ray)
+
+    manifest.read, manifest.rejected = ingest_stages(
+        out, manifest, cfg.input, files, cfg.normalize, cfg.num_partitions
+    )
+    result = exact_stages(out, manifest, cfg.num_partitions, cfg.input.id_field)
+    manifest.kept = result.kept
+    manifest.dropped = {EXACT_DUPLICATE: result.removed} if result.removed else {}
+    manifest.outputs = {name: out.path(name) for name in ("kept", "removed", "rejects")}
+    manifest.extra = {"distinct_texts": result.distinct_texts, "input_files": len(files[1])}
+    return finish_job(manifest, out, cfg.output.keep_intermediate)
