@@ -125,7 +125,7 @@ def ingest_stages(
         out.write_dataset(bad, folder, REJECTS_SCHEMA)
         by_reason = (
             out.read_dataset("rejects", ["reject_reason"])
-            .groupby("reject_reason")
+            .groupby("reject_reason", num_partitions=num_partitions)
             .count()
             .take_all()
         )

@@ -342,13 +342,14 @@ def run(cfg: MinHashDedupConfig) -> JobManifest:
             VERIFIED_SCHEMA,
         )
         v = read("_stages/verified")
+        n_members = v.count()
         n_dup = v.filter(expr=col("duplicate")).count()
         n_components = v.groupby("component", num_partitions=parts).count().count()
         return {
-            "members": v.count(),
+            "members": n_members,
             "components": n_components,
             "near_duplicates": n_dup,
-            "rejected_by_verification": v.count() - n_dup - n_components,
+            "rejected_by_verification": n_members - n_dup - n_components,
         }
 
     verify_info = stage("_stages/verified", verified, manifest).info
