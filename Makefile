@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup
+.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -52,9 +52,15 @@ demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json
 	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_exact
 	$(PY) ray_jobs/dedup_minhash.py --config ray_jobs/configs/dedup/minhash-local.yaml ray.data_progress_bars=false
 	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_minhash
+	# Curation: dedup, language, quality heuristics, toxicity and PII; prints the drop reasons.
+	$(PY) ray_jobs/curate.py --config ray_jobs/configs/curate/default.yaml ray.data_progress_bars=false
 
 bench-dedup: setup
 	$(PY) bench/dedup_bench.py
+
+bench-filters: setup
+	$(PY) bench/filters_bench.py
+	$(PY) bench/pii_bench.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -61,3 +61,13 @@ def tiny_model(tmp_path_factory, sample_corpus) -> Path:
     return build_tiny_model(
         tmp_path_factory.mktemp("models") / "tiny-llama", corpus=sample_corpus / "corpus"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_model) -> Path:
+    """A tiny sequence classifier with labels (clean, toxic), on the tiny model's tokenizer."""
+    from workloads.train.tiny import build_tiny_classifier
+
+    return build_tiny_classifier(
+        tmp_path_factory.mktemp("models") / "tiny-classifier", tiny_model, ("clean", "toxic")
+    )

@@ -136,3 +136,27 @@ def test_missing_input_names_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputNotFoundError, match="holds no files"):
         d.list_input_files(InputConfig(path=str(tmp_path / "empty")))
+
+
+def test_a_jobs_own_output_reads_back_unchanged():
+    """kept/ of one job (id, text, meta, source, line) feeds the next without nesting or renumbering."""
+    import pyarrow as pa
+
+    from workloads.common.documents import documents_from_arrow
+
+    kept = pa.table(
+        {
+            "id": ["a", "b"],
+            "text": ["first text", " "],
+            "meta": ['{"url": "u"}', None],
+            "source": ["part-0.jsonl", "part-1.jsonl"],
+            "line": [7, 9],
+            "language": ["en", "en"],
+        }
+    )
+    rows = documents_from_arrow(
+        kept, source="kept/x.parquet", id_prefix="x", first_row=0, text_field="text", id_field="id"
+    ).to_pylist()
+    assert rows[0]["meta"] == '{"url": "u"}' and rows[0]["source"] == "part-0.jsonl"
+    assert rows[0]["line"] == 7 and rows[0]["reject_reason"] is None
+    assert rows[1]["reject_reason"] == "empty_text" and rows[1]["line"] == 9

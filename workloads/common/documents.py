@@ -54,6 +54,7 @@ DOCUMENT_SCHEMA = pa.schema(
     ]
 )
 
+CANONICAL_COLUMNS = ("id", "text", "meta", "source", "line")
 JSONL_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_EXTENSIONS = (".parquet",)
 ROWS_PER_BLOCK = 8192
@@ -181,10 +182,34 @@ def documents_from_arrow(
     text_field: str,
     id_field: str | None,
 ) -> pa.Table:
-    """Canonical rows from a Parquet/Arrow batch with arbitrary columns. Pure: no Ray."""
+    """Canonical rows from a Parquet/Arrow batch with arbitrary columns. Pure: no Ray.
+
+    A table that is already canonical (a job's `kept/` output: id, text, meta, source, line) keeps
+    its meta, source and line, so one job's output feeds the next without nesting or renumbering.
+    """
     rows = _Rows()
+    canonical = (
+        text_field == "text"
+        and id_field == "id"
+        and set(CANONICAL_COLUMNS) <= set(table.column_names)
+    )
     for offset, record in enumerate(table.to_pylist()):
         row = first_row + offset
+        if canonical and isinstance(record["source"], str) and isinstance(record["line"], int):
+            n = len(rows.cols["id"])
+            _record_to_row(
+                rows,
+                {"id": record["id"], "text": record["text"]},
+                source=record["source"],
+                line=record["line"],
+                default_id=f"{id_prefix}:{row}",
+                text_field=text_field,
+                id_field=id_field,
+                raw=None,
+            )
+            if rows.cols["reject_reason"][n] is None:
+                rows.cols["meta"][n] = record["meta"]
+            continue
         _record_to_row(
             rows,
             record,

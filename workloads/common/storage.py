@@ -145,12 +145,14 @@ class OutputLayout:
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
 
-    def write_dataset(self, ds, folder: str, schema) -> None:
+    def write_dataset(self, ds, folder: str, schema, min_bytes_per_file: int | None = None) -> None:
         """`ds.write_parquet(folder)`, plus one empty file with `schema` when `ds` has no rows, so
-        that readers of every output (the next stage, the user) always find a typed Parquet table."""
+        that readers of every output (the next stage, the user) always find a typed Parquet table.
+        `min_bytes_per_file` merges small blocks into fewer files, so the next stage runs fewer
+        read tasks."""
         import pyarrow.parquet as pq
 
-        ds.write_parquet(folder, filesystem=self.fs)
+        ds.write_parquet(folder, filesystem=self.fs, min_bytes_per_file=min_bytes_per_file)
         if not any(
             i.path.endswith(".parquet") for i in self.fs.get_file_info(pafs.FileSelector(folder))
         ):
@@ -164,6 +166,12 @@ class OutputLayout:
         return ray.data.read_parquet(
             self.path(name), filesystem=self.fs, columns=columns, file_extensions=["parquet"]
         )
+
+    def count_rows(self, name: str) -> int:
+        """Rows in the Parquet stage `name`, from the file footers: no data is read."""
+        import pyarrow.dataset as pads
+
+        return pads.dataset(self.path(name), format="parquet", filesystem=self.fs).count_rows()
 
     def run_stage(
         self,

@@ -143,6 +143,38 @@ def build_tiny_model(
     return out
 
 
+def build_tiny_classifier(
+    out: Path, tokenizer_dir: Path, labels: tuple[str, ...], seed: int = 0
+) -> Path:
+    """A 2-layer Llama sequence classifier (random weights) with `labels`, sharing the tiny tokenizer:
+    a stand-in for a hub classifier such as a toxicity model, with the same loading code path."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = TinyModelConfig()
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m workloads.train.tiny",

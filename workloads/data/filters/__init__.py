@@ -1,0 +1,1 @@
+"""Curation steps: quality heuristics, language, toxicity and PII, chained by `pipeline`."""
