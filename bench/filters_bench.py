@@ -146,6 +146,7 @@ def ours_throughput(folder: Path, work: Path) -> dict:
             "output": {"path": str(work / "ours"), "mode": "overwrite"},
             "steps": CHAIN,
             "drops": {"keep": True, "sample_fraction": DROPS_SAMPLE},
+            "filter_actors": {"concurrency": 2, "num_cpus": 0.5},  # as configs/curate/default.yaml
             "ray": {"num_cpus": 2, "data_progress_bars": False},
         }
     )

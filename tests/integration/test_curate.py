@@ -31,10 +31,15 @@ def _cfg(corpus, out, classifier) -> CurateConfig:
                     "label": "toxic",
                     "threshold": THRESHOLD,
                     "batch_size": 16,
+                    "num_cpus": 0.5,
                     "device": "auto",
                 },
                 {"type": "pii"},
             ],
+            # Two CPUs hold two filter actors (the steps before and after the classifier), the
+            # classifier actor, and the read and write tasks: actor pools that reserved every CPU
+            # would leave the reads none.
+            "filter_actors": {"concurrency": 1, "num_cpus": 0.25},
             "ray": {"num_cpus": 2, "data_progress_bars": False},
         }
     )

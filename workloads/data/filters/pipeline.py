@@ -112,6 +112,20 @@ class DropsConfig(StrictModel):
     )
 
 
+class FilterActorsConfig(StrictModel):
+    concurrency: int | tuple[int, int] = Field(
+        default=2,
+        description="Actors that run the fused per-document steps: a count, or [min, max] for an "
+        "autoscaling pool. Each keeps its tokenizer, language and toxicity models loaded and warm.",
+    )
+    num_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="Logical CPUs reserved per actor. On a small machine, 0.5 lets the read and "
+        "write tasks run beside the actors instead of waiting for a free CPU.",
+    )
+
+
 class CurateConfig(DataJobConfig):
     steps: list[Step] = Field(min_length=1, description="Steps, applied in order.")
     max_doc_chars: int = Field(
@@ -121,6 +135,7 @@ class CurateConfig(DataJobConfig):
         "every step's cost per document.",
     )
     drops: DropsConfig = Field(default_factory=DropsConfig)
+    filter_actors: FilterActorsConfig = Field(default_factory=FilterActorsConfig)
 
     @model_validator(mode="after")
     def _check_steps(self) -> CurateConfig:
@@ -356,15 +371,40 @@ def _use_gpu(cfg: ToxicityConfig) -> bool:
     return cfg.device == "cuda"
 
 
-def _filter_chain(ds, steps: list):
+class FilterStage:
+    """The fused per-document steps as a callable class: the spaCy tokenizer (and its cache), the
+    language and toxicity models load once per actor and stay warm across batches."""
+
+    def __init__(self, steps: list) -> None:
+        from workloads.data.filters.text import spacy_english
+
+        spacy_english()
+        if any(s.type == "language" for s in steps):
+            from workloads.data.filters.language import lid_model
+
+            lid_model()
+        self.steps = steps
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return apply_steps(batch, steps=self.steps)
+
+
+def _filter_chain(ds, steps: list, actors: FilterActorsConfig | None = None):
     """The per-document steps on a dataset of working rows: fused runs plus classifier stages."""
+    actors = actors or FilterActorsConfig()
     run: list = []
     for step in [*steps, None]:
         if step is not None and not (step.type == "toxicity" and step.backend == "hf_classifier"):
             run.append(step)
             continue
         if run:
-            ds = ds.map_batches(apply_steps, batch_format="pyarrow", fn_kwargs={"steps": run})
+            ds = ds.map_batches(
+                FilterStage,
+                batch_format="pyarrow",
+                fn_constructor_kwargs={"steps": run},
+                concurrency=actors.concurrency,
+                num_cpus=actors.num_cpus,
+            )
             run = []
         if step is not None:
             gpu = _use_gpu(step)
@@ -374,6 +414,7 @@ def _filter_chain(ds, steps: list):
                 batch_size=step.batch_size * 4,
                 fn_constructor_kwargs={"cfg": step, "use_gpu": gpu},
                 concurrency=step.concurrency,
+                num_cpus=step.num_cpus,
                 num_gpus=1 if gpu else 0,
             )
     return ds
@@ -492,7 +533,7 @@ def run(cfg: CurateConfig) -> JobManifest:
             folders.append(f"{name}/dedup/rows")
         else:
             source = live(folders[-1]) if folders else reader_rows
-            rows = _filter_chain(source, seg).map_batches(
+            rows = _filter_chain(source, seg, cfg.filter_actors).map_batches(
                 trim_dropped, batch_format="pyarrow", fn_kwargs=trim
             )
             save(name, rows, schema)

@@ -44,6 +44,9 @@ class ToxicityConfig(StepConfig):
     max_length: int = Field(default=512, ge=8, description="hf_classifier: tokens per document.")
     batch_size: int = Field(default=32, ge=1, description="hf_classifier: documents per batch.")
     concurrency: int = Field(default=1, ge=1, description="hf_classifier: actors in the pool.")
+    num_cpus: float = Field(
+        default=1.0, gt=0, description="hf_classifier: logical CPUs reserved per actor."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="hf_classifier: `auto` uses a GPU when the cluster has one."
     )
