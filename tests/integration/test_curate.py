@@ -127,3 +127,21 @@ def test_rerun_resumes_every_stage_with_the_same_output(curated, sample_corpus, 
     again = run(cfg)
     assert all(s.resumed for s in again.stages)
     assert again.kept == first.kept and again.dropped == first.dropped
+
+
+def test_actor_pools_that_would_starve_the_reads_fail_before_any_work(
+    ray_session, sample_corpus, tmp_path
+):
+    from workloads.common.manifest import JobFailed
+
+    cfg = CurateConfig.model_validate(
+        {
+            "input": {"path": str(sample_corpus / "corpus")},
+            "output": {"path": str(tmp_path / "out")},
+            "steps": [{"type": "gopher_quality"}],
+            "filter_actors": {"concurrency": 2, "num_cpus": 1},
+        }
+    )
+    with pytest.raises(JobFailed, match="filter_actors.num_cpus"):
+        run(cfg)
+    assert not (tmp_path / "out" / "_stages").exists()

@@ -24,6 +24,7 @@ from workloads.data.filters.pipeline import (
     CurateConfig,
     apply_steps,
     in_sample,
+    reserved_actor_cpus,
     segments,
     start_rows,
     trim_dropped,
@@ -250,3 +251,16 @@ def test_dropped_text_outside_the_sample_is_cleared():
     kept = [t for t in dropped_text if t is not None]
     assert 20 < len(kept) < 80  # ~10% of the 500 dropped rows keep their text
     assert trim_dropped(table, fraction=1.0) is table
+
+
+def test_reserved_actor_cpus_count_every_pool_of_a_segment():
+    cfg = curate_cfg(
+        [
+            {"type": "language"},
+            {"type": "toxicity", "backend": "hf_classifier", "model": "m", "num_cpus": 0.5},
+            {"type": "pii"},
+        ],
+        filter_actors={"concurrency": [1, 3], "num_cpus": 0.5},
+    )
+    # two fused runs (before and after the classifier) of up to 3 actors, plus the classifier
+    assert reserved_actor_cpus(cfg.steps, cfg.filter_actors) == 3 * 0.5 * 2 + 0.5

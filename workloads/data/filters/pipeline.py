@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -37,7 +38,7 @@ from pydantic import Field, model_validator
 
 from workloads.common.config import DataJobConfig, InputConfig, OutputConfig, StrictModel
 from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
-from workloads.common.manifest import JobManifest, finish_job
+from workloads.common.manifest import JobFailed, JobManifest, finish_job
 from workloads.common.ray_runtime import init_ray
 from workloads.common.storage import OutputLayout
 from workloads.data.dedup.exact import KEPT_COLUMNS, REJECTS_SCHEMA
@@ -420,6 +421,44 @@ def _filter_chain(ds, steps: list, actors: FilterActorsConfig | None = None):
     return ds
 
 
+def reserved_actor_cpus(steps: list, actors: FilterActorsConfig) -> float:
+    """Logical CPUs the actor pools of one segment hold at their largest."""
+    total, run = 0.0, False
+    for step in [*steps, None]:
+        if step is not None and not (step.type == "toxicity" and step.backend == "hf_classifier"):
+            run = True
+            continue
+        if run:
+            size = (
+                actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[1]
+            )
+            total += size * actors.num_cpus
+            run = False
+        if step is not None:
+            total += step.concurrency * step.num_cpus
+    return total
+
+
+def _check_room_for_reads(cfg: CurateConfig) -> None:
+    """On a fixed-size (local) Ray, actor pools that hold every CPU leave none for the read and
+    write tasks, and the job would hang: fail before any work instead."""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may autoscale; its size now says little
+    cpus = ray.cluster_resources().get("CPU", 0)
+    for seg in segments(cfg.steps):
+        if seg[0].type in DEDUP_TYPES:
+            continue
+        held = reserved_actor_cpus(seg, cfg.filter_actors)
+        if cpus - held < 1:
+            raise JobFailed(
+                f"the actors of steps {[s.step_name for s in seg]} hold {held:g} of {cpus:g} CPUs, "
+                "leaving less than one for reading and writing: lower filter_actors.num_cpus or "
+                "filter_actors.concurrency (and toxicity.num_cpus / toxicity.concurrency)"
+            )
+
+
 def _classifier_class():
     from workloads.data.filters.toxicity import TextClassifierStage
 
@@ -458,6 +497,7 @@ def run(cfg: CurateConfig) -> JobManifest:
     manifest = JobManifest("curate", cfg)
     out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
     init_ray(cfg.ray)
+    _check_room_for_reads(cfg)
     read, stage = out.read_dataset, out.run_stage
 
     def write(ds, folder: str, schema: pa.Schema) -> None:
