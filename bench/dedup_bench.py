@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from results_md import write_section  # noqa: E402  (bench/, beside this script)
 
 from workloads.common.config import load_config  # noqa: E402
 from workloads.data.dedup.minhash import (  # noqa: E402
@@ -310,14 +311,7 @@ def render(results: dict) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if "<!-- dedup:start -->" in text:
-        head, rest = text.split("<!-- dedup:start -->", 1)
-        tail = rest.split("<!-- dedup:end -->", 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("dedup", section, RESULTS)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
+from results_md import write_section  # noqa: E402  (bench/, beside this script)
 
 from workloads.data.filters.heuristics import (  # noqa: E402
     C4QualityConfig,
@@ -271,13 +272,7 @@ def render(results: dict) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if "<!-- filters:start -->" in text:
-        head, rest = text.split("<!-- filters:start -->", 1)
-        text = head + section + rest.split("<!-- filters:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("filters", section, RESULTS)
 
 
 def main() -> None:

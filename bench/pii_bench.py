@@ -33,6 +33,7 @@ from pathlib import Path
 
 import phonenumbers
 import psutil
+from results_md import write_section  # bench/, beside this script
 
 from workloads.data.filters.pii import PII_KINDS, PiiConfig, find_pii
 from workloads.data.sample import base_documents
@@ -740,13 +741,7 @@ def render(results: dict) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("pii", section, RESULTS)
 
 
 def main() -> None:

@@ -98,6 +98,22 @@ def _corpus_texts(corpus: Path | None) -> list[str]:
     return [d.text for d in base_documents()]
 
 
+def llama_config(cfg: TinyModelConfig, tokenizer, **extra):
+    """The tiny Llama shape (2 layers, head_dim 64, GQA) for `tokenizer`, plus `extra` fields."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        **extra,
+    )
+
+
 def build_tiny_model(
     out: Path, cfg: TinyModelConfig | None = None, corpus: Path | None = None
 ) -> Path:
@@ -111,17 +127,12 @@ def build_tiny_model(
         return out
 
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(_corpus_texts(corpus), cfg.vocab_size)
-    model_cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
+    model_cfg = llama_config(
+        cfg,
+        tokenizer,
         max_position_embeddings=cfg.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -149,20 +160,15 @@ def build_tiny_classifier(
     """A 2-layer Llama sequence classifier (random weights) with `labels`, sharing the tiny tokenizer:
     a stand-in for a hub classifier such as a toxicity model, with the same loading code path."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = TinyModelConfig()
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
+        llama_config(
+            cfg,
+            tokenizer,
             pad_token_id=tokenizer.pad_token_id,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),

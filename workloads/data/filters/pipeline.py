@@ -390,53 +390,58 @@ class FilterStage:
         return apply_steps(batch, steps=self.steps)
 
 
+def _is_classifier(step) -> bool:
+    return step.type == "toxicity" and step.backend == "hf_classifier"
+
+
+def actor_stages(steps: list) -> list[list]:
+    """The actor-pool stages of a segment in order: each run of in-process steps fuses into one
+    `FilterStage`; each Hugging Face classifier step is a stage of its own (a one-step list)."""
+    stages: list[list] = []
+    for step in steps:
+        if _is_classifier(step) or not stages or _is_classifier(stages[-1][0]):
+            stages.append([step])
+        else:
+            stages[-1].append(step)
+    return stages
+
+
 def _filter_chain(ds, steps: list, actors: FilterActorsConfig | None = None):
     """The per-document steps on a dataset of working rows: fused runs plus classifier stages."""
     actors = actors or FilterActorsConfig()
-    run: list = []
-    for step in [*steps, None]:
-        if step is not None and not (step.type == "toxicity" and step.backend == "hf_classifier"):
-            run.append(step)
-            continue
-        if run:
+    for stage in actor_stages(steps):
+        if not _is_classifier(stage[0]):
             ds = ds.map_batches(
                 FilterStage,
                 batch_format="pyarrow",
-                fn_constructor_kwargs={"steps": run},
+                fn_constructor_kwargs={"steps": stage},
                 concurrency=actors.concurrency,
                 num_cpus=actors.num_cpus,
             )
-            run = []
-        if step is not None:
-            gpu = _use_gpu(step)
-            ds = ds.map_batches(
-                _classifier_class(),
-                batch_format="pyarrow",
-                batch_size=step.batch_size * 4,
-                fn_constructor_kwargs={"cfg": step, "use_gpu": gpu},
-                concurrency=step.concurrency,
-                num_cpus=step.num_cpus,
-                num_gpus=1 if gpu else 0,
-            )
+            continue
+        step = stage[0]
+        gpu = _use_gpu(step)
+        ds = ds.map_batches(
+            _classifier_class(),
+            batch_format="pyarrow",
+            batch_size=step.batch_size * 4,
+            fn_constructor_kwargs={"cfg": step, "use_gpu": gpu},
+            concurrency=step.concurrency,
+            num_cpus=step.num_cpus,
+            num_gpus=1 if gpu else 0,
+        )
     return ds
 
 
 def reserved_actor_cpus(steps: list, actors: FilterActorsConfig) -> float:
     """Logical CPUs the actor pools of one segment hold at their largest."""
-    total, run = 0.0, False
-    for step in [*steps, None]:
-        if step is not None and not (step.type == "toxicity" and step.backend == "hf_classifier"):
-            run = True
-            continue
-        if run:
-            size = (
-                actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[1]
-            )
-            total += size * actors.num_cpus
-            run = False
-        if step is not None:
-            total += step.concurrency * step.num_cpus
-    return total
+    pool = actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[1]
+    return sum(
+        stage[0].concurrency * stage[0].num_cpus
+        if _is_classifier(stage[0])
+        else pool * actors.num_cpus
+        for stage in actor_stages(steps)
+    )
 
 
 def _check_room_for_reads(cfg: CurateConfig) -> None:
