@@ -108,10 +108,13 @@ def test_raycluster_has_cpu_and_gpu_worker_groups():
 
 @pytest.mark.parametrize(("name", "doc"), [(n, d) for n, d in _docs() if d["kind"] == "RayJob"])
 def test_rayjob_entrypoint_names_a_real_job_and_config(name, doc):
-    """The image puts the repo at /home/ray/app; the script and config must exist in this repo."""
-    args = shlex.split(doc["spec"]["entrypoint"])
-    assert args[0] == "python"
-    script = Path(args[1].removeprefix("/home/ray/app/"))
-    config = Path(args[args.index("--config") + 1].removeprefix("/home/ray/app/"))
-    assert (REPO / script).is_file() and (REPO / config).is_file()
-    assert f"ray_jobs/{script.stem}.py --config {config}" in (REPO / config).read_text()
+    """The image puts the repo at /home/ray/app; every script and config in the entrypoint (one
+    command, or several joined by `&&`) must exist in this repo."""
+    commands = doc["spec"]["entrypoint"].split("&&")
+    for command in commands:
+        args = shlex.split(command)
+        assert args[0] == "python"
+        script = Path(args[1].removeprefix("/home/ray/app/"))
+        config = Path(args[args.index("--config") + 1].removeprefix("/home/ray/app/"))
+        assert (REPO / script).is_file() and (REPO / config).is_file(), command
+        assert f"ray_jobs/{script.stem}.py --config {config}" in (REPO / config).read_text()

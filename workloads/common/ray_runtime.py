@@ -14,6 +14,7 @@ import logging
 import os
 
 from workloads.common.config import RayConfig
+from workloads.common.manifest import JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +40,24 @@ def init_ray(cfg: RayConfig) -> None:
             )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.data_progress_bars
+
+
+def on_fixed_size_ray(cfg: RayConfig) -> bool:
+    """True for a local Ray the job started itself: its CPUs are all there will be. A cluster may
+    autoscale, so its size now says little."""
+    return not (cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_cpus_left_for_tasks(cfg: RayConfig, held: float, holders: str, remedy: str) -> None:
+    """On a fixed-size Ray, actor pools that hold every CPU leave none for the read and write
+    tasks around them, and the job would hang: fail before any work instead."""
+    import ray
+
+    if not on_fixed_size_ray(cfg):
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus - held < 1:
+        raise JobFailed(
+            f"the actors of {holders} hold {held:g} of {cpus:g} CPUs, leaving less than one for "
+            f"reading and writing: {remedy}"
+        )

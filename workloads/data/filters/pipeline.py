@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -38,8 +37,8 @@ from pydantic import Field, model_validator
 
 from workloads.common.config import DataJobConfig, InputConfig, OutputConfig, StrictModel
 from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
-from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import init_ray
+from workloads.common.manifest import JobManifest, finish_job
+from workloads.common.ray_runtime import check_cpus_left_for_tasks, init_ray
 from workloads.common.storage import OutputLayout
 from workloads.data.dedup.exact import KEPT_COLUMNS, REJECTS_SCHEMA
 from workloads.data.dedup.minhash import MinHashConfig, ShingleConfig
@@ -445,23 +444,16 @@ def reserved_actor_cpus(steps: list, actors: FilterActorsConfig) -> float:
 
 
 def _check_room_for_reads(cfg: CurateConfig) -> None:
-    """On a fixed-size (local) Ray, actor pools that hold every CPU leave none for the read and
-    write tasks, and the job would hang: fail before any work instead."""
-    import ray
-
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return  # a cluster may autoscale; its size now says little
-    cpus = ray.cluster_resources().get("CPU", 0)
     for seg in segments(cfg.steps):
         if seg[0].type in DEDUP_TYPES:
             continue
-        held = reserved_actor_cpus(seg, cfg.filter_actors)
-        if cpus - held < 1:
-            raise JobFailed(
-                f"the actors of steps {[s.step_name for s in seg]} hold {held:g} of {cpus:g} CPUs, "
-                "leaving less than one for reading and writing: lower filter_actors.num_cpus or "
-                "filter_actors.concurrency (and toxicity.num_cpus / toxicity.concurrency)"
-            )
+        check_cpus_left_for_tasks(
+            cfg.ray,
+            reserved_actor_cpus(seg, cfg.filter_actors),
+            f"steps {[s.step_name for s in seg]}",
+            "lower filter_actors.num_cpus or filter_actors.concurrency (and toxicity.num_cpus / "
+            "toxicity.concurrency)",
+        )
 
 
 def _classifier_class():
