@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters
+.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -54,6 +54,10 @@ demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json
 	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_minhash
 	# Curation: dedup, language, quality heuristics, toxicity and PII; prints the drop reasons.
 	$(PY) ray_jobs/curate.py --config ray_jobs/configs/curate/default.yaml ray.data_progress_bars=false
+	# Embeddings of the curated documents (all-MiniLM-L6-v2, bundled), an HNSW index, and a query.
+	$(PY) ray_jobs/embed.py --config ray_jobs/configs/embed/default.yaml ray.data_progress_bars=false
+	$(PY) ray_jobs/build_index.py --config ray_jobs/configs/build_index/default.yaml
+	$(PY) -m workloads.embed.search --index outputs/index --k 3 "compare two sequences and list their differences"
 
 bench-dedup: setup
 	$(PY) bench/dedup_bench.py
@@ -61,6 +65,11 @@ bench-dedup: setup
 bench-filters: setup
 	$(PY) bench/filters_bench.py
 	$(PY) bench/pii_bench.py
+
+bench-embed: setup
+	$(PY) bench/embed_bench.py
+	$(PY) bench/index_bench.py
+	$(PY) bench/finetune_embedder_bench.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

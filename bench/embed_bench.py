@@ -39,7 +39,9 @@ CONFIG = REPO / "ray_jobs" / "configs" / "embed" / "default.yaml"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def plain_encode(texts: list[str], precision: str, batch_size: int = 64) -> tuple[np.ndarray, float]:
+def plain_encode(
+    texts: list[str], precision: str, batch_size: int = 64
+) -> tuple[np.ndarray, float]:
     """`SentenceTransformer.encode` in this process, every core as torch threads."""
     import torch
 
@@ -107,7 +109,9 @@ def main() -> None:
         _, bf16_s = plain_encode(texts, "bf16")
         rows["plain_bf16_chunks_per_s"] = n / bf16_s
     rows["speedup_stage"] = rows["job_stage_chunks_per_s"] / rows["plain_fp32_chunks_per_s"]
-    rows["speedup_end_to_end"] = rows["job_end_to_end_chunks_per_s"] / rows["plain_fp32_chunks_per_s"]
+    rows["speedup_end_to_end"] = (
+        rows["job_end_to_end_chunks_per_s"] / rows["plain_fp32_chunks_per_s"]
+    )
     (HERE / "embed_results.json").write_text(json.dumps(rows, indent=2))
     write_section("embed", render(rows))
     print(json.dumps(rows, indent=2))
