@@ -71,7 +71,7 @@ def run_job(
         return 0
     try:
         manifest = run(cfg)
-    except InputNotFoundError as exc:
+    except (InputNotFoundError, ConfigError) as exc:  # a config that only the data shows is bad
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except JobFailed as exc:
