@@ -384,6 +384,10 @@ def run(cfg: EmbedConfig) -> JobManifest:
         ds = read("_stages/chunks").map_batches(
             live_chunks, batch_format="pyarrow", fn_kwargs={"duplicates": dups}
         )
+        # The chunk stage is a few large files. An actor task takes a whole block, so without
+        # this split one actor would embed a whole file while the others wait; blocks of one
+        # batch spread the work and make a retried batch (after an actor dies) cheap.
+        ds = ds.repartition(target_num_rows_per_block=actors.rows_per_batch)
         ds = ds.map_batches(
             Embedder,
             batch_format="pyarrow",
