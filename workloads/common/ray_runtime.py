@@ -61,3 +61,18 @@ def check_cpus_left_for_tasks(cfg: RayConfig, held: float, holders: str, remedy:
             f"the actors of {holders} hold {held:g} of {cpus:g} CPUs, leaving less than one for "
             f"reading and writing: {remedy}"
         )
+
+
+def resolve_device(device: str) -> str:
+    """`cuda` or `cpu` for a stage's `device` setting: `auto` means a GPU per actor when the
+    cluster has GPUs (an autoscaling cluster lists the GPUs it can add)."""
+    import ray
+
+    if device == "auto":
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return device
+
+
+def max_actors(concurrency: int | tuple[int, int]) -> int:
+    """The largest size of an actor pool configured as a count or as (min, max)."""
+    return concurrency if isinstance(concurrency, int) else concurrency[1]

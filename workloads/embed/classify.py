@@ -47,7 +47,7 @@ from pydantic import Field
 from workloads.common.config import DataJobConfig, StrictModel
 from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import init_ray
+from workloads.common.ray_runtime import init_ray, resolve_device
 from workloads.common.storage import OutputLayout, resolve_filesystem
 from workloads.embed.clustering import count_reasons
 from workloads.embed.schema import EmbeddingInfo, embedding_matrix, vectors_to_arrow
@@ -589,14 +589,6 @@ def write_labelled_sample(out: Path, max_per_label: int | None = None, seed: int
 # The job
 
 
-def _use_gpu(device: str) -> bool:
-    import ray
-
-    if device == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return device == "cuda"
-
-
 def _train_from_folder(
     uri: str, cfg: TrainProbeConfig, embedding: EmbeddingInfo, probe_folder: str
 ) -> dict:
@@ -639,7 +631,7 @@ def run(cfg: TrainProbeConfig) -> JobManifest:
     def embeddings(folder: str) -> dict:
         import pyarrow.dataset as pads
 
-        gpu = _use_gpu(cfg.embed.device)
+        gpu = resolve_device(cfg.embed.device) == "cuda"
         ds = (
             out.read_dataset("_stages/labelled", ["id", "text", "label", "reject_reason"])
             .filter(expr=col("reject_reason").is_null())

@@ -31,7 +31,12 @@ from pydantic import Field
 from workloads.common.config import DataJobConfig, StrictModel
 from workloads.common.documents import list_input_files, read_documents
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import check_cpus_left_for_tasks, init_ray
+from workloads.common.ray_runtime import (
+    check_cpus_left_for_tasks,
+    init_ray,
+    max_actors,
+    resolve_device,
+)
 from workloads.common.storage import OutputLayout
 from workloads.data.dedup.exact import REJECTS_SCHEMA
 from workloads.embed.chunking import CHUNK_SCHEMA, ChunkConfig, chunk_batch, load_tokenizer
@@ -302,14 +307,6 @@ def sort_shuffle():
         ctx.shuffle_strategy = before
 
 
-def _device(cfg: EncoderConfig) -> str:
-    import ray
-
-    if cfg.device == "auto":
-        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    return cfg.device
-
-
 def run(cfg: EmbedConfig) -> JobManifest:
     import ray
     from ray.data.expressions import col
@@ -319,13 +316,12 @@ def run(cfg: EmbedConfig) -> JobManifest:
     out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
     dim, max_seq, tokenizer = _model_facts(cfg)
     init_ray(cfg.ray)
-    device = _device(cfg.encoder)
+    device = resolve_device(cfg.encoder.device)
     actors = cfg.actors
-    pool = actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[1]
     if device == "cpu":
         check_cpus_left_for_tasks(
             cfg.ray,
-            pool * actors.num_cpus,
+            max_actors(actors.concurrency) * actors.num_cpus,
             "the embedding stage",
             "lower actors.num_cpus or actors.concurrency",
         )

@@ -38,7 +38,12 @@ from pydantic import Field, model_validator
 from workloads.common.config import DataJobConfig, InputConfig, OutputConfig, StrictModel
 from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
 from workloads.common.manifest import JobManifest, finish_job
-from workloads.common.ray_runtime import check_cpus_left_for_tasks, init_ray
+from workloads.common.ray_runtime import (
+    check_cpus_left_for_tasks,
+    init_ray,
+    max_actors,
+    resolve_device,
+)
 from workloads.common.storage import OutputLayout
 from workloads.data.dedup.exact import KEPT_COLUMNS, REJECTS_SCHEMA
 from workloads.data.dedup.minhash import MinHashConfig, ShingleConfig
@@ -363,14 +368,6 @@ def segments(steps: list) -> list[list]:
     return out
 
 
-def _use_gpu(cfg: ToxicityConfig) -> bool:
-    import ray
-
-    if cfg.device == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return cfg.device == "cuda"
-
-
 class FilterStage:
     """The fused per-document steps as a callable class: the spaCy tokenizer (and its cache), the
     language and toxicity models load once per actor and stay warm across batches."""
@@ -419,7 +416,7 @@ def _filter_chain(ds, steps: list, actors: FilterActorsConfig | None = None):
             )
             continue
         step = stage[0]
-        gpu = _use_gpu(step)
+        gpu = resolve_device(step.device) == "cuda"
         ds = ds.map_batches(
             _classifier_class(),
             batch_format="pyarrow",
@@ -434,7 +431,7 @@ def _filter_chain(ds, steps: list, actors: FilterActorsConfig | None = None):
 
 def reserved_actor_cpus(steps: list, actors: FilterActorsConfig) -> float:
     """Logical CPUs the actor pools of one segment hold at their largest."""
-    pool = actors.concurrency if isinstance(actors.concurrency, int) else actors.concurrency[1]
+    pool = max_actors(actors.concurrency)
     return sum(
         stage[0].concurrency * stage[0].num_cpus
         if _is_classifier(stage[0])
