@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed
+.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -47,7 +47,10 @@ data/sample/planted.json: | setup
 models/tiny-llama/tiny_model.json: data/sample/planted.json
 	$(PY) -m workloads.train.tiny --out models/tiny-llama --corpus data/sample/corpus
 
-demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json
+data/instructions.jsonl: | setup
+	$(PY) -m workloads.train.sft make-instructions --out data/instructions.jsonl
+
+demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json data/instructions.jsonl
 	$(PY) ray_jobs/dedup_exact.py --config ray_jobs/configs/dedup_exact/local.yaml ray.data_progress_bars=false
 	$(PY) -m workloads.data.sample report --sample data/sample --output outputs/dedup_exact
 	$(PY) ray_jobs/dedup_minhash.py --config ray_jobs/configs/dedup/minhash-local.yaml ray.data_progress_bars=false
@@ -58,6 +61,14 @@ demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json
 	$(PY) ray_jobs/embed.py --config ray_jobs/configs/embed/default.yaml ray.data_progress_bars=false
 	$(PY) ray_jobs/build_index.py --config ray_jobs/configs/build_index/default.yaml
 	$(PY) -m workloads.embed.search --index outputs/index --k 3 "compare two sequences and list their differences"
+	# Pretraining: a tiny Llama from scratch on the curated corpus (2 CPU workers, ZeRO-2), then its
+	# held-out perplexity against a unigram model.
+	$(PY) ray_jobs/pretrain.py --config ray_jobs/configs/pretrain/tiny-cpu.yaml ray.data_progress_bars=false
+	$(PY) -c "import json; print('perplexity', json.load(open('outputs/pretrain/_manifest.json'))['extra']['perplexity'])"
+	# LoRA SFT of that model on conversations from the sample corpus (4 malformed records planted,
+	# each rejected with its reason), then the adapter's loss curve and where it is.
+	$(PY) ray_jobs/sft.py --config ray_jobs/configs/sft/lora-cpu.yaml ray.data_progress_bars=false
+	$(PY) -c "import json; e = json.load(open('outputs/sft/_manifest.json'))['extra']; print('sft loss', e['first_loss'], '->', e['last_loss'], '| eval', e['eval_loss'], '| adapter in outputs/sft/model')"
 
 bench-dedup: setup
 	$(PY) bench/dedup_bench.py
@@ -65,6 +76,9 @@ bench-dedup: setup
 bench-filters: setup
 	$(PY) bench/filters_bench.py
 	$(PY) bench/pii_bench.py
+
+bench-train: setup
+	$(PY) bench/sft_bench.py
 
 bench-embed: setup
 	$(PY) bench/embed_bench.py

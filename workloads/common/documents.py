@@ -94,7 +94,7 @@ def _record_to_row(
     source: str,
     line: int,
     default_id: str,
-    text_field: str,
+    text_field: str | None,
     id_field: str | None,
     raw: str | None,
 ) -> None:
@@ -107,6 +107,10 @@ def _record_to_row(
         if doc_id is None:
             rows.add(default_id, None, None, source, line, INVALID_ID, raw or _dumps(record))
             return
+    if text_field is None:  # the whole record is the payload (chat records): kept as JSON text
+        rest = {k: v for k, v in record.items() if k != id_field}
+        rows.add(doc_id, _dumps(rest), None, source, line)
+        return
     text = record.get(text_field)
     reason = None
     if text is None:
@@ -338,8 +342,17 @@ def list_input_files(cfg: InputConfig) -> tuple[pafs.FileSystem, list[str]]:
     return expand_input_paths(cfg.path, extensions)
 
 
-def read_documents(cfg: InputConfig, files: tuple[pafs.FileSystem, list[str]] | None = None):
-    """A Ray Dataset of DOCUMENT_SCHEMA rows (good and rejected) from `input.path`."""
+def read_documents(
+    cfg: InputConfig,
+    files: tuple[pafs.FileSystem, list[str]] | None = None,
+    *,
+    whole_record: bool = False,
+):
+    """A Ray Dataset of DOCUMENT_SCHEMA rows (good and rejected) from `input.path`.
+
+    With `whole_record`, `text` is the whole record (all fields but the id) as a JSON object: for
+    records whose payload is structured, such as chat conversations. Malformed JSON, invalid UTF-8
+    and non-object records are still rejects with their reason."""
     import ray.data
 
     fs, paths = files or list_input_files(cfg)
@@ -350,7 +363,7 @@ def read_documents(cfg: InputConfig, files: tuple[pafs.FileSystem, list[str]] | 
             filesystem=fs,
             root=input_root(paths),
             fmt=cfg.format,
-            text_field=cfg.text_field,
+            text_field=None if whole_record else cfg.text_field,
             id_field=cfg.id_field,
         )
     )

@@ -19,7 +19,9 @@ from workloads.common.manifest import JobFailed
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig, *, dashboard: bool = False) -> None:
+    """Join `cfg.address` / $RAY_ADDRESS, else start a private local Ray. `dashboard` starts the
+    dashboard with it: Ray Train's controller watchdog queries actor state through it."""
     import ray
     from ray.data import DataContext
 
@@ -36,7 +38,7 @@ def init_ray(cfg: RayConfig) -> None:
                 address="local",
                 num_cpus=cfg.num_cpus,
                 object_store_memory=object_store,
-                include_dashboard=False,
+                include_dashboard=dashboard,
             )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.data_progress_bars

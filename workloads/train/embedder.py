@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import re
 import shutil
@@ -57,8 +56,10 @@ from workloads.common.documents import (
     NOT_AN_OBJECT,
 )
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import init_ray, on_fixed_size_ray
+from workloads.common.ray_runtime import init_ray
 from workloads.common.storage import OutputLayout, expand_input_paths
+from workloads.train.config import TrainScalingConfig
+from workloads.train.ray_train import check_cluster_fits, storage_path
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +143,6 @@ class RetrievalEvalConfig(StrictModel):
         if any(v < 1 for v in k):
             raise ValueError(f"every cut-off must be at least 1 (got {k})")
         return sorted(set(k))
-
-
-class TrainScalingConfig(StrictModel):
-    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (one process each).")
-    use_gpu: bool = Field(default=False, description="One GPU per worker (NCCL); else CPU (gloo).")
-    resources_per_worker: dict[str, float] | None = Field(
-        default=None,
-        description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Default: Ray Train's "
-        "(1 CPU, plus 1 GPU with use_gpu).",
-    )
 
 
 class FinetuneEmbedderConfig(JobConfig):
@@ -514,32 +505,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 # The job
 
 
-def _storage_path(cfg: FinetuneEmbedderConfig) -> str:
-    path = cfg.storage_path or posixpath.join(cfg.output.path.rstrip("/"), "_ray_train")
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _check_cluster_fits(cfg: FinetuneEmbedderConfig) -> None:
-    """On a local Ray of fixed size, workers that do not fit would wait forever: fail instead."""
-    import ray
-
-    if not on_fixed_size_ray(cfg.ray):
-        return
-    scaling = cfg.scaling
-    per_worker = dict(scaling.resources_per_worker or {"CPU": 1})
-    if scaling.use_gpu:
-        per_worker.setdefault("GPU", 1)
-    have = ray.cluster_resources()
-    for resource, amount in per_worker.items():
-        need = amount * scaling.num_workers
-        if have.get(resource, 0) < need:
-            raise JobFailed(
-                f"scaling.num_workers={scaling.num_workers} workers need {need:g} {resource} in "
-                f"all, and this Ray has {have.get(resource, 0):g}: lower scaling.num_workers or "
-                "scaling.resources_per_worker"
-            )
-
-
 def _write_rejects(out: OutputLayout, rejects: list[Reject]) -> str:
     folder = out.path("rejects")
     out.clear("rejects")
@@ -588,7 +553,7 @@ def _fine_tune(
         ),
         run_config=RunConfig(
             name=f"finetune_embedder-{cfg.fingerprint()}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=_storage_path(cfg),
+            storage_path=storage_path(cfg.storage_path, cfg.output.path),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -652,7 +617,7 @@ def run(cfg: FinetuneEmbedderConfig) -> JobManifest:
 
     def fine_tune(folder: str) -> dict[str, Any]:
         init_ray(cfg.ray)
-        _check_cluster_fits(cfg)
+        check_cluster_fits(cfg.ray, cfg.scaling)
         return _fine_tune(cfg, train, held_out, folder, out.fs)
 
     info = out.run_stage("model", fine_tune, manifest).info
