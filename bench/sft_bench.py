@@ -68,7 +68,7 @@ MEMORY_MODEL = dict(
     num_key_value_heads=5,
 )
 OVERHEAD_STEPS, OVERHEAD_LOGGING = 40, 5
-MEMORY_STAGES = ("zero0", "zero2", "zero3")
+MEMORY_STAGES = ("zero0", "zero2", "zero3", "zero3-small")
 TARGET_RATIO = 0.9
 
 # The job side of `overhead`: lora-cpu.yaml with one worker that holds both CPUs (Ray sets
@@ -96,6 +96,8 @@ MEMORY_OVERRIDES = [
     "checkpoint.every_steps=1000",
     "scaling.num_workers=2",
     "scaling.resources_per_worker={CPU: 1}",
+    # The same allocator setting for every stage, so the comparison is of what ZeRO partitions.
+    "deepspeed.release_host_memory=on",
     "ray.data_progress_bars=false",
 ]
 
@@ -403,6 +405,7 @@ def bench_memory(work: Path, prepared: dict) -> dict:
         job = run_child("sft_job", {"overrides": overrides}, work, f"memory-{stage}")
         peaks = job["extra"]["peak_memory_mb_per_worker"]
         logged = [e["peak_memory_mb"] for e in job["log_history"] if "peak_memory_mb" in e]
+        current = [e["memory_mb"] for e in job["log_history"] if "memory_mb" in e]
         stages.append(
             {
                 "stage": stage,
@@ -410,6 +413,8 @@ def bench_memory(work: Path, prepared: dict) -> dict:
                 "peak_mb_max": max(peaks),
                 # Rank 0's peak at the last logged step, before the final checkpoint is written.
                 "rank0_peak_mb_before_final_save": logged[-1] if logged else None,
+                # Rank 0's resident set at the last logged step: what training holds, steadily.
+                "rank0_rss_mb_last_step": current[-1] if current else None,
                 "steps": job["extra"]["global_step"],
                 "trainable_parameters": job["extra"]["trainable_parameters"],
                 "model_seconds": job["stages"].get("model"),
@@ -515,16 +520,35 @@ def section_memory(r: dict) -> list[str]:
         "each worker process's peak RSS (`extra.peak_memory_mb_per_worker`), so it includes the "
         "Python, torch, Ray and DeepSpeed imports, model loading and the final checkpoint.",
         "",
-        "| ZeRO | peak rank 0 | peak rank 1 | max | rank 0 before the final save | model stage |",
-        "|---|---|---|---|---|---|",
+        "| DeepSpeed config | peak rank 0 | peak rank 1 | max | rank 0 peak before the final save "
+        "| rank 0 RSS at the last step | model stage |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in r["stages"]:
         peaks = s["peak_mb_per_worker"]
+        rss = s.get("rank0_rss_mb_last_step")
         lines.append(
             f"| {s['stage']} | {peaks[0]:,.0f} MB | {peaks[1]:,.0f} MB | **{s['peak_mb_max']:,.0f} MB** "
-            f"| {s['rank0_peak_mb_before_final_save']:,.0f} MB | {s['model_seconds']:.0f} s |"
+            f"| {s['rank0_peak_mb_before_final_save']:,.0f} MB "
+            f"| {f'{rss:,.0f} MB' if rss else 'n/a'} | {s['model_seconds']:.0f} s |"
         )
-    lines += ["", f"Lowest peak: {r['lowest']}."]
+    lines += [
+        "",
+        f"Lowest peak: {r['lowest']}.",
+        "",
+        "Two things make ZeRO's savings visible on CPU at this size. (1) The workers fix glibc's mmap "
+        "and trim thresholds at 128 KiB (`workloads.train.ray_train.limit_heap_retention`): by "
+        "default glibc raises the mmap threshold after large frees, so the 1-32 MB tensors ZeRO-3 "
+        "gathers and frees every step came from a heap that only grew; a diagnostic run measured "
+        "~600 MB of freed-but-held heap per worker under ZeRO-3 (`mallinfo2`), which made it peak "
+        "above ZeRO-0 (2,141 MB against 1,861). (2) `zero3.json` keeps DeepSpeed's default "
+        "limits (1e9 live parameters, 1e9-element optimizer sub-groups), which are sized for 1B+ "
+        "models: at 49M the whole model stays gathered. `zero3-small.json` lowers them to 1e7. "
+        "The thresholds cost speed: every large tensor becomes a fresh mmap with fresh page "
+        "faults. With them on, the overhead measurement above ran at 0.505x the baseline "
+        "(609 and 579 against 1,219 and 1,134 tokens/s), so `deepspeed.release_host_memory: auto` "
+        "turns them on only under ZeRO-3, which one picks to save memory.",
+    ]
     if r.get("note"):
         lines += ["", r["note"]]
     return lines
@@ -614,8 +638,8 @@ def main() -> int:
     failed = []
     if "overhead" in names and results["overhead"]["ratio_end_to_end"] < TARGET_RATIO:
         failed.append(f"overhead ratio {results['overhead']['ratio_end_to_end']} < {TARGET_RATIO}")
-    if "memory" in names and results["memory"]["lowest"] != "zero3":
-        failed.append(f"memory: {results['memory']['lowest']} peaks lowest, not zero3")
+    if "memory" in names and not results["memory"]["lowest"].startswith("zero3"):
+        failed.append(f"memory: {results['memory']['lowest']} peaks lowest, not ZeRO-3")
     for line in failed:
         print(f"NOTE: {line}", file=sys.stderr)
     return 0

@@ -63,7 +63,7 @@ def sft_config(tiny_model: Path, data_path: Path, out: Path, **sections) -> SFTJ
 @pytest.fixture(scope="module")
 def lora_run(ray_session, tiny_model, instructions, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "lora-zero2"
-    cfg = sft_config(tiny_model, instructions, out)
+    cfg = sft_config(tiny_model, instructions, out, lora={"merge": True})
     return cfg, out, run(cfg)
 
 
@@ -176,10 +176,26 @@ def _peft_greedy(base_dir: Path, adapter_dir: Path, n: int) -> list[int]:
     return ids[0, prompt["input_ids"].shape[1] :].tolist()
 
 
+def test_merged_model_equals_base_plus_adapter(lora_run, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, out, _ = lora_run
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), out / "model"
+    ).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
 def test_rerun_resumes_every_stage(lora_run):
     cfg, _, _ = lora_run
     again = run(cfg)
-    assert [s.resumed for s in again.stages] == [True, True, True]
+    assert [s.resumed for s in again.stages] == [True, True, True, True]
     assert again.extra["global_step"] == 12
 
 
@@ -193,6 +209,7 @@ def zero3_runs(ray_session, tiny_model, instructions, tmp_path_factory):
         root / "first",
         method="full",
         deepspeed={"config": "zero3"},
+        data={"packing": True},
         train={"max_steps": 4, "learning_rate": 1e-4},
         checkpoint={"every_steps": 4},
     )
@@ -203,6 +220,7 @@ def zero3_runs(ray_session, tiny_model, instructions, tmp_path_factory):
         root / "second",
         method="full",
         deepspeed={"config": "zero3"},
+        data={"packing": True},
         train={"max_steps": 6, "learning_rate": 1e-4},
         checkpoint={"every_steps": 2, "resume_from": first.extra["checkpoint"]},
     )
@@ -264,6 +282,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
         tiny_model,
         instructions,
         out,
+        lora={"use_dora": True},  # DoRA's magnitude vectors are checkpointed and restored too
         data={"eval_fraction": 0.0, "max_length": 256},
         train={"max_steps": 40, "logging_steps": 5},
         checkpoint={"every_steps": 5, "max_failures": 1},

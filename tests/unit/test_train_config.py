@@ -82,6 +82,13 @@ def test_qlora_validates_on_gpu():
 def test_deepspeed_configs_by_name_with_offload():
     for stage in range(4):
         assert DeepSpeedConfig(config=f"zero{stage}").stage == stage
+    # Only ZeRO-3 trades CPU speed for returning freed host memory, unless asked.
+    assert DeepSpeedConfig(config="zero3").releases_host_memory()
+    assert not DeepSpeedConfig(config="zero2").releases_host_memory()
+    assert DeepSpeedConfig(config="zero2", release_host_memory="on").releases_host_memory()
+    assert not DeepSpeedConfig().releases_host_memory()
+    small = DeepSpeedConfig(config="zero3-small").load()["zero_optimization"]
+    assert small["stage"] == 3 and small["stage3_max_live_parameters"] < 1e9
     ds = DeepSpeedConfig(config="zero3", offload_optimizer=True, offload_params=True).load()
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -117,6 +117,11 @@ class OutputLayout:
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
 
+    def uri_of(self, name: str) -> str:
+        """Where `name` is, for another process: a URI in object storage, an absolute local path
+        (Ray Train workers do not run in the driver's working directory)."""
+        return posixpath.join(self.uri, name) if "://" in self.uri else self.path(name)
+
     def _marker(self, name: str) -> str:
         return posixpath.join(self.path(name), SUCCESS_MARKER)
 

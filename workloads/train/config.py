@@ -22,6 +22,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED_CONFIG_DIR = REPO_ROOT / "ray_jobs" / "configs" / "deepspeed"
 
 
+def local_path_absolute(value: str | None) -> str | None:
+    """An existing local folder or file as an absolute path; anything else (a hub id, a URI) as is.
+
+    Ray Train runs each worker in its run's own directory, not the driver's, so a relative
+    `models/tiny-llama` would be read there as a hub id."""
+    if value is None or "://" in value or not Path(value).exists():
+        return value
+    return str(Path(value).resolve())
+
+
 def project_file(path: str) -> Path:
     """`path` as given when it exists (absolute, or relative to the working directory), else
     relative to the project root, so `ray_jobs/configs/...` in a YAML works from any directory."""
@@ -55,12 +65,17 @@ class ModelConfig(StrictModel):
     )
     trust_remote_code: bool = False
 
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _local_folder_absolute(cls, value: str | None) -> str | None:
+        return local_path_absolute(value)
+
     @field_validator("chat_template")
     @classmethod
     def _template_exists(cls, path: str | None) -> str | None:
         if path is not None and not project_file(path).is_file():
             raise ValueError(f"no chat template file at {path!r}")
-        return path
+        return None if path is None else str(project_file(path).resolve())
 
 
 class LoraConfig(StrictModel):
@@ -142,6 +157,13 @@ class DeepSpeedConfig(StrictModel):
     offload_params: bool = Field(
         default=False, description="ZeRO-Infinity style parameter offload to CPU (ZeRO-3 only)."
     )
+    release_host_memory: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="CPU workers: make glibc return freed tensor memory to the OS at once "
+        "(workloads.train.ray_train.limit_heap_retention). Without it ZeRO-3's gather-and-free "
+        "churn leaves ~600 MB of freed heap per worker at 49M parameters; with it CPU training "
+        "runs about 2x slower. `auto`: on under ZeRO-3 (chosen to save memory), off otherwise.",
+    )
 
     def path(self) -> Path | None:
         if self.config is None:
@@ -162,10 +184,22 @@ class DeepSpeedConfig(StrictModel):
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
         return ds
 
+    def releases_host_memory(self) -> bool:
+        if self.release_host_memory != "auto":
+            return self.release_host_memory == "on"
+        return self.stage == 3
+
     @property
     def stage(self) -> int | None:
         ds = self.load()
         return None if ds is None else int(ds["zero_optimization"].get("stage", 0))
+
+    @field_validator("config")
+    @classmethod
+    def _path_absolute(cls, value: str | None) -> str | None:
+        if value is None or (DEEPSPEED_CONFIG_DIR / f"{value}.json").is_file():
+            return value  # a name
+        return str(project_file(value).resolve())
 
     @model_validator(mode="after")
     def _readable(self) -> DeepSpeedConfig:
@@ -220,6 +254,11 @@ class CheckpointingConfig(StrictModel):
         description="A Ray Train checkpoint folder or URI (one `checkpoint_*` of an earlier run) to "
         "continue from: weights, optimizer, scheduler and the step counter.",
     )
+
+    @field_validator("resume_from")
+    @classmethod
+    def _local_folder_absolute(cls, value: str | None) -> str | None:
+        return local_path_absolute(value)
 
 
 def load_tokenizer(model: ModelConfig):

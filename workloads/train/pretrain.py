@@ -39,7 +39,6 @@ import functools
 import hashlib
 import math
 import os
-import posixpath
 from collections import Counter
 from typing import Any
 
@@ -47,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from workloads.common.config import InputConfig, JobConfig, OutputConfig, StrictModel
 from workloads.common.documents import list_input_files, read_documents
@@ -61,6 +60,7 @@ from workloads.train.config import (
     OptimConfig,
     TrainScalingConfig,
     check_training_config,
+    local_path_absolute,
 )
 from workloads.train.ray_train import (
     check_cluster_fits,
@@ -68,6 +68,7 @@ from workloads.train.ray_train import (
     export_model,
     fit,
     gather_peak_memory,
+    limit_heap_retention,
     load_causal_lm,
     local_checkpoints,
     make_throughput_callback,
@@ -156,6 +157,11 @@ class PretrainJobConfig(JobConfig):
         description="Where Ray Train keeps checkpoints (local folder, s3:// or gs://). "
         "Default: <output.path>/_ray_train.",
     )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _local_folder_absolute(cls, value: str) -> str:
+        return local_path_absolute(value)
 
     @model_validator(mode="after")
     def _combination(self) -> PretrainJobConfig:
@@ -261,6 +267,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = PretrainJobConfig.model_validate(config["cfg"])
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # see workloads.train.sft
+        if cfg.deepspeed.releases_host_memory():
+            limit_heap_retention()
     import datasets
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
@@ -393,7 +401,7 @@ def _pretrain(cfg: PretrainJobConfig, out: OutputLayout, folder: str) -> dict[st
         train_loop_per_worker,
         {
             "cfg": cfg.model_dump(mode="json"),
-            "tokenized": posixpath.join(out.uri, "_stages/tokenized"),
+            "tokenized": out.uri_of("_stages/tokenized"),
         },
         name=run_name("pretrain", cfg),
         scaling=cfg.scaling,

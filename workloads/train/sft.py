@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import re
 from collections import Counter
 from pathlib import Path
@@ -74,6 +73,7 @@ from workloads.train.ray_train import (
     export_model,
     fit,
     gather_peak_memory,
+    limit_heap_retention,
     load_causal_lm,
     local_checkpoints,
     lora_config,
@@ -264,6 +264,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         # DeepSpeed picks its accelerator on import; on CPU workers that is its CPU accelerator
         # (gloo collectives, plus a shared-memory op it JIT-builds once into ~/.cache/torch_extensions).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if cfg.deepspeed.releases_host_memory():
+            limit_heap_retention()
     import datasets
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
@@ -457,7 +459,7 @@ def run(cfg: SFTJobConfig) -> JobManifest:
     manifest.outputs["rejects"] = out.path("rejects")
 
     def fine_tune(folder: str) -> dict:
-        tokenized_uri = posixpath.join(out.uri, "_stages/tokenized")
+        tokenized_uri = out.uri_of("_stages/tokenized")
         result, value = _fine_tune(cfg, tokenized_uri, has_eval=counts["eval"] > 0)
         return _export(result, value, folder, out.fs)
 
