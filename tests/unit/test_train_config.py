@@ -268,3 +268,19 @@ def test_training_curves(tmp_path):
     assert rows[0].startswith("step,epoch,loss,eval_loss")
     assert rows[1].startswith("5,,3.0,2.9") and rows[2].startswith("10,,2.0,2.1")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_local_paths_reach_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """Ray Train runs workers in the run's own folder: a relative model folder would be read there
+    as a hub id, so configs turn existing local paths absolute; hub ids stay as they are."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        SFTJobConfig,
+        CPU_SFT,
+        ["model.name_or_path=models/tiny", "model.tokenizer=meta-llama/Llama-3.1-8B-Instruct"],
+    )
+    assert cfg.model.name_or_path == str(tmp_path / "models" / "tiny")
+    assert cfg.model.tokenizer == "meta-llama/Llama-3.1-8B-Instruct"
+    ds = DeepSpeedConfig(config="zero2")
+    assert ds.config == "zero2" and ds.stage == 2  # a name stays a name
