@@ -14,7 +14,7 @@ turn, ...) or leaves nothing to learn after truncation is written to `rejects/` 
 counted. Before any of that, the chat template is checked: a template whose mask would be empty, or
 would leave the end-of-turn token out (the model would never learn to stop), is refused.
 
-Training: a `TorchTrainer` with `data.scaling` workers runs `train_loop_per_worker` below, which reads
+Training: a `TorchTrainer` with `scaling.num_workers` workers runs `train_loop_per_worker` below, which reads
 top to bottom: arguments (DeepSpeed JSON from `ray_jobs/configs/deepspeed/`), tokenizer, model (4-bit
 for QLoRA), TRL's SFTTrainer with a PEFT config, Ray's `prepare_trainer` and report callback, resume,
 train. Every `checkpoint.every_steps` the checkpoint (with each rank's ZeRO shards) and the latest
