@@ -79,12 +79,9 @@ def _has_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def _from_messages(record: dict) -> Messages | str:
-    turns = record.get("messages")
-    if turns is None:
-        return MISSING_MESSAGES
-    if not isinstance(turns, list):
-        return NOT_A_LIST
+def parse_turns(turns: list) -> Messages | str:
+    """OpenAI-style turns as {"role", "content"} messages (other keys dropped), or the reason they
+    are not: a turn without string role and content, or a role other than system/user/assistant."""
     messages = []
     for turn in turns:
         if not (
@@ -97,6 +94,15 @@ def _from_messages(record: dict) -> Messages | str:
             return UNKNOWN_ROLE
         messages.append({"role": turn["role"], "content": turn["content"]})
     return messages
+
+
+def _from_messages(record: dict) -> Messages | str:
+    turns = record.get("messages")
+    if turns is None:
+        return MISSING_MESSAGES
+    if not isinstance(turns, list):
+        return NOT_A_LIST
+    return parse_turns(turns)
 
 
 def _from_sharegpt(record: dict) -> Messages | str:

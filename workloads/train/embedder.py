@@ -29,7 +29,6 @@ A rerun with the same config reuses `model/` (see `output.mode`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import posixpath
@@ -60,6 +59,7 @@ from workloads.common.ray_runtime import init_ray
 from workloads.common.storage import OutputLayout, expand_input_paths
 from workloads.train.config import TrainScalingConfig
 from workloads.train.ray_train import check_cluster_fits, storage_path
+from workloads.train.splits import is_held_out
 
 log = logging.getLogger(__name__)
 
@@ -236,17 +236,11 @@ def parse_pair_lines(
     return pairs, rejects
 
 
-def is_held_out(positive: str, *, eval_fraction: float, seed: int) -> bool:
-    """Whether the document `positive` is held out: a hash of (seed, text), so the split does not
-    depend on record order, and every pair of one document lands on the same side."""
-    digest = hashlib.blake2b(f"{seed}\0{positive}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
-
-
 def split_pairs(
     pairs: list[Pair], *, eval_fraction: float, seed: int
 ) -> tuple[list[Pair], list[Pair]]:
-    """(train, held out), by document."""
+    """(train, held out), by document: keyed on the positive's text, so every pair of one
+    document lands on the same side."""
     train, held_out = [], []
     for pair in pairs:
         side = (

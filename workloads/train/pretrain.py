@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import math
 import os
 from collections import Counter
@@ -68,6 +67,7 @@ from workloads.train.ray_train import (
     export_model,
     fit,
     gather_peak_memory,
+    history_summary,
     limit_heap_retention,
     load_causal_lm,
     local_checkpoints,
@@ -79,8 +79,10 @@ from workloads.train.ray_train import (
     storage_path,
     torch_trainer,
     training_arguments,
+    write_rejects,
     write_training_curves,
 )
+from workloads.train.splits import is_held_out
 
 TRAIN, EVAL = "train", "eval"
 NO_TOKENS = "no_tokens"
@@ -96,7 +98,6 @@ TOKENIZED_SCHEMA = pa.schema(
         ("raw", pa.string()),
     ]
 )
-REJECT_COLUMNS = ["id", "source", "line", "reject_reason", "raw"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,11 +181,6 @@ class PretrainJobConfig(JobConfig):
 # Per-batch logic and the yardstick (no Ray)
 
 
-def held_out(doc_id: str, *, eval_fraction: float, seed: int) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
-
-
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
@@ -228,7 +224,7 @@ def tokenize_documents(
             cols["input_ids"].append(None)
             cols["n_tokens"].append(None)
             continue
-        split = EVAL if held_out(row["id"], eval_fraction=eval_fraction, seed=seed) else TRAIN
+        split = EVAL if is_held_out(row["id"], eval_fraction=eval_fraction, seed=seed) else TRAIN
         cols["split"].append(split)
         cols["input_ids"].append([*ids, eot])
         cols["n_tokens"].append(len(ids) + 1)
@@ -412,8 +408,6 @@ def _pretrain(cfg: PretrainJobConfig, out: OutputLayout, folder: str) -> dict[st
     value = result.return_value or {}
     files = export_model(result.checkpoint, folder, out.fs)
     history = value.get("log_history", [])
-    evals = [e for e in history if "eval_loss" in e]
-    tps = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
     return {
         "files": files,
         "checkpoint": result.checkpoint.path,
@@ -421,8 +415,7 @@ def _pretrain(cfg: PretrainJobConfig, out: OutputLayout, folder: str) -> dict[st
         "parameters": value.get("parameters"),
         "blocks": value.get("blocks"),
         "peak_memory_mb_per_worker": value.get("peak_memory_mb_per_worker"),
-        "tokens_per_second": round(sum(tps) / len(tps), 1) if tps else None,
-        "eval_loss": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals],
+        **history_summary(history),
         "log_history": history,
     }
 
@@ -449,14 +442,7 @@ def run(cfg: PretrainJobConfig) -> JobManifest:
     manifest.dropped = counts["dropped"]
     manifest.rejected = counts["rejected"]
 
-    def write_rejects(folder: str) -> dict:
-        ds = out.read_dataset("_stages/tokenized").map_batches(
-            _select_rejects, batch_format="pyarrow"
-        )
-        out.write_dataset(ds, folder, TOKENIZED_SCHEMA.empty_table().select(REJECT_COLUMNS).schema)
-        return {}
-
-    out.run_stage("rejects", write_rejects, manifest)
+    out.run_stage("rejects", lambda folder: write_rejects(out, folder, TOKENIZED_SCHEMA), manifest)
     manifest.outputs["rejects"] = out.path("rejects")
 
     trained = out.run_stage("model", lambda folder: _pretrain(cfg, out, folder), manifest).info
@@ -479,7 +465,3 @@ def run(cfg: PretrainJobConfig) -> JobManifest:
         **{k: v for k, v in trained.items() if k != "log_history"},
     }
     return finish_job(manifest, out, cfg.output.keep_intermediate)
-
-
-def _select_rejects(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch["reject_reason"])).select(REJECT_COLUMNS)

@@ -218,6 +218,37 @@ def loss_history(history: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]
     return train, evals
 
 
+def history_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the manifest keeps of a Trainer's `log_history`: mean tokens/s over the logged windows,
+    the first and last training loss, and every evaluation's loss by step."""
+    train, evals = loss_history(history)
+    tps = [e["tokens_per_second"] for e in train if "tokens_per_second" in e]
+    return {
+        "tokens_per_second": round(sum(tps) / len(tps), 1) if tps else None,
+        "first_loss": train[0]["loss"] if train else None,
+        "last_loss": train[-1]["loss"] if train else None,
+        "eval_loss": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals],
+    }
+
+
+# The columns of `rejects/` in every job that tokenizes into a `_stages/tokenized` Parquet stage.
+REJECT_COLUMNS = ["id", "source", "line", "reject_reason", "raw"]
+
+
+def select_rejects(batch):
+    """The rejected rows of a tokenized batch, with the columns `rejects/` keeps."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_valid(batch["reject_reason"])).select(REJECT_COLUMNS)
+
+
+def write_rejects(out, folder: str, tokenized_schema) -> dict:
+    """`rejects/` from the job's `_stages/tokenized` (a typed empty table when there are none)."""
+    ds = out.read_dataset("_stages/tokenized").map_batches(select_rejects, batch_format="pyarrow")
+    out.write_dataset(ds, folder, tokenized_schema.empty_table().select(REJECT_COLUMNS).schema)
+    return {}
+
+
 CSV_FIELDS = (
     "step",
     "epoch",

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -73,6 +72,7 @@ from workloads.train.ray_train import (
     export_model,
     fit,
     gather_peak_memory,
+    history_summary,
     limit_heap_retention,
     load_causal_lm,
     local_checkpoints,
@@ -86,8 +86,10 @@ from workloads.train.ray_train import (
     storage_path,
     torch_trainer,
     training_arguments,
+    write_rejects,
     write_training_curves,
 )
+from workloads.train.splits import is_held_out
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,6 @@ TOKENIZED_SCHEMA = pa.schema(
         ("raw", pa.string()),
     ]
 )
-REJECT_COLUMNS = ["id", "source", "line", "reject_reason", "raw"]
 MASKED = ["input_ids", "assistant_masks"]  # what the trainer reads
 
 
@@ -185,13 +186,6 @@ class SFTJobConfig(JobConfig):
 # Per-batch logic: records -> token ids and assistant masks (Ray Data calls this)
 
 
-def held_out(record_id: str, *, eval_fraction: float, seed: int) -> bool:
-    """Whether a record is in the eval split: a hash of (seed, id), so the split does not depend on
-    file order or on how Ray Data cut the blocks."""
-    digest = hashlib.blake2b(f"{seed}\0{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
-
-
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_json: str):
     """The model's tokenizer (with `model.chat_template`), loaded once per worker process."""
@@ -240,7 +234,7 @@ def tokenize_conversations(
                 cols[name].append(None)
             cols["truncated"].append(None)
             continue
-        split = EVAL if held_out(row["id"], eval_fraction=eval_fraction, seed=seed) else TRAIN
+        split = EVAL if is_held_out(row["id"], eval_fraction=eval_fraction, seed=seed) else TRAIN
         cols["split"].append(split)
         cols["input_ids"].append(encoded["input_ids"])
         cols["assistant_masks"].append(encoded["assistant_masks"])
@@ -248,10 +242,6 @@ def tokenize_conversations(
         cols["n_trainable"].append(encoded["n_trainable"])
         cols["truncated"].append(encoded["truncated"])
     return pa.Table.from_pydict(cols, schema=TOKENIZED_SCHEMA)
-
-
-def select_rejects(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch["reject_reason"])).select(REJECT_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,9 +401,6 @@ def _fine_tune(cfg: SFTJobConfig, tokenized_uri: str, has_eval: bool):
 def _export(result, value: dict, folder: str, fs) -> dict:
     files = export_model(result.checkpoint, folder, fs)
     history = value.get("log_history", [])
-    train_logs = [e for e in history if "loss" in e]
-    tps = [e["tokens_per_second"] for e in train_logs if "tokens_per_second" in e]
-    evals = [e for e in history if "eval_loss" in e]
     return {
         "files": files,
         "checkpoint": result.checkpoint.path,
@@ -422,10 +409,7 @@ def _export(result, value: dict, folder: str, fs) -> dict:
         "resumed_from_step": value.get("resumed_from_step"),
         "trainable_parameters": value.get("trainable_parameters"),
         "peak_memory_mb_per_worker": value.get("peak_memory_mb_per_worker"),
-        "tokens_per_second": round(sum(tps) / len(tps), 1) if tps else None,
-        "first_loss": train_logs[0]["loss"] if train_logs else None,
-        "last_loss": train_logs[-1]["loss"] if train_logs else None,
-        "eval_loss": [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals],
+        **history_summary(history),
         "log_history": history,
     }
 
@@ -448,14 +432,7 @@ def run(cfg: SFTJobConfig) -> JobManifest:
     if counts["train"] == 0:
         raise JobFailed(f"no trainable conversation among {counts['read']} records: see rejects/")
 
-    def write_rejects(folder: str) -> dict:
-        ds = out.read_dataset("_stages/tokenized").map_batches(
-            select_rejects, batch_format="pyarrow"
-        )
-        out.write_dataset(ds, folder, TOKENIZED_SCHEMA.empty_table().select(REJECT_COLUMNS).schema)
-        return {}
-
-    out.run_stage("rejects", write_rejects, manifest)
+    out.run_stage("rejects", lambda folder: write_rejects(out, folder, TOKENIZED_SCHEMA), manifest)
     manifest.outputs["rejects"] = out.path("rejects")
 
     def fine_tune(folder: str) -> dict:

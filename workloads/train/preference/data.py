@@ -23,7 +23,12 @@ from __future__ import annotations
 from typing import Any
 
 from workloads.common.documents import NOT_AN_OBJECT
-from workloads.train.conversations import MALFORMED_TURN, ROLES, UNKNOWN_FORMAT, UNKNOWN_ROLE
+from workloads.train.conversations import (
+    MALFORMED_TURN,
+    UNKNOWN_FORMAT,
+    UNKNOWN_ROLE,
+    parse_turns,
+)
 
 # Why a record was rejected. Stable strings: they appear in manifests and rejects/.
 MISSING_PROMPT = "missing_prompt"
@@ -66,21 +71,10 @@ Messages = list[dict[str, str]]
 
 
 def _messages(value: Any) -> Messages | str:
-    """A list of {"role", "content"} with known roles and string contents, or a reason."""
+    """A non-empty list of {"role", "content"} with known roles and string contents, or a reason."""
     if not isinstance(value, list) or not value:
         return MALFORMED_TURN
-    out = []
-    for turn in value:
-        if not (
-            isinstance(turn, dict)
-            and isinstance(turn.get("role"), str)
-            and isinstance(turn.get("content"), str)
-        ):
-            return MALFORMED_TURN
-        if turn["role"] not in ROLES:
-            return UNKNOWN_ROLE
-        out.append({"role": turn["role"], "content": turn["content"]})
-    return out
+    return parse_turns(value)
 
 
 def _prompt(value: Any) -> Messages | str:
