@@ -545,9 +545,11 @@ def section_memory(r: dict) -> list[str]:
         "limits (1e9 live parameters, 1e9-element optimizer sub-groups), which are sized for 1B+ "
         "models: at 49M the whole model stays gathered. `zero3-small.json` lowers them to 1e7. "
         "The thresholds cost speed: every large tensor becomes a fresh mmap with fresh page "
-        "faults. With them on, the overhead measurement above ran at 0.505x the baseline "
-        "(609 and 579 against 1,219 and 1,134 tokens/s), so `deepspeed.release_host_memory: auto` "
-        "turns them on only under ZeRO-3, which one picks to save memory.",
+        "faults. In one run of the overhead measurement above with them on for the job (as "
+        "`deepspeed.release_host_memory=on` would; this command does not rerun that variant), "
+        "the job ran at 0.505x the baseline (609 and 579 against 1,219 and 1,134 tokens/s), so "
+        "`deepspeed.release_host_memory: auto` turns them on only under ZeRO-3, which one picks "
+        "to save memory.",
     ]
     if r.get("note"):
         lines += ["", r["note"]]
