@@ -8,15 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from tests.integration.worker_faults import run_and_kill_a_worker
 from workloads.common.manifest import JobFailed
 from workloads.train.sft import PLANTED_BAD_RECORDS, SFTJobConfig, make_instructions, run
 
@@ -254,26 +253,6 @@ def test_resume_from_continues_the_step_counter(zero3_runs):
 # Reliability
 
 
-def _committed_checkpoints(storage: Path) -> list[str]:
-    """Checkpoints Ray Train has registered (every rank's files uploaded), not folders mid-upload."""
-    for snapshot in storage.glob("sft-*/checkpoint_manager_snapshot.json"):
-        try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-        except (json.JSONDecodeError, KeyError):
-            continue  # being rewritten
-        return [r["checkpoint_dir_name"] for r in results]
-    return []
-
-
-def _training_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
-            found.append(p)
-    return found
-
-
 def test_killed_worker_resumes_from_the_last_checkpoint(
     ray_session, tiny_model, instructions, tmp_path
 ):
@@ -288,29 +267,10 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
         checkpoint={"every_steps": 5, "max_failures": 1},
     )
     storage = Path(cfg.storage_path)
-    result: dict = {}
-
-    def job():
-        try:
-            result["manifest"] = run(cfg)
-        except BaseException as exc:  # surfaced by the assertion below
-            result["error"] = exc
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        if _committed_checkpoints(storage):
-            workers = _training_workers()
-            if workers:
-                killed = workers[-1].pid
-                workers[-1].kill()  # SIGKILL: no cleanup, as when a node dies
-        time.sleep(0.1)
-    thread.join(timeout=600)
+    killed, result = run_and_kill_a_worker(lambda: run(cfg), storage, "sft-*")
     assert killed is not None, "training finished (or never checkpointed) before the kill"
     assert "error" not in result, result.get("error")
-    extra = result["manifest"].extra
+    extra = result["result"].extra
     assert extra["global_step"] == 40
     # The restarted worker group loaded a checkpoint: the step counter went on from it.
     assert 5 <= extra["resumed_from_step"] < 40

@@ -32,6 +32,21 @@ def test_implicit_prompt_is_the_shared_prefix():
     assert pair == {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
 
 
+def test_ultrafeedback_binarized_layout_uses_the_conversations():
+    """HuggingFaceH4/ultrafeedback_binarized: a `prompt` string, and chosen/rejected as whole
+    conversations (the user turn repeated in each)."""
+    record = {
+        "prompt": USER["content"],
+        "prompt_id": "abc",
+        "chosen": [USER, GOOD],
+        "rejected": [USER, BAD],
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    }
+    pair = pref.to_preference_pair(record, "auto")
+    assert pair == {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]}
+
+
 def test_rated_completions_binarise_best_against_worst():
     record = {
         "instruction": USER["content"],
@@ -118,6 +133,8 @@ BAD_RECORDS = [
     ),
     ({"prompt": "q", "completions": "a, b"}, "ultrafeedback", pref.MISSING_COMPLETION),
 ]
+# Good for KTO, not for a pairwise algorithm.
+PAIR_ONLY_BAD = [({"prompt": "q", "completion": "a", "label": True}, "auto", pref.UNPAIRED_RECORD)]
 KTO_BAD = [
     ({"prompt": "q", "completion": "a"}, "unpaired", pref.MISSING_LABEL),
     ({"prompt": "q", "completion": "a", "label": "yes"}, "unpaired", pref.MISSING_LABEL),
@@ -125,7 +142,7 @@ KTO_BAD = [
 ]
 
 
-@pytest.mark.parametrize(("record", "formatting", "reason"), BAD_RECORDS)
+@pytest.mark.parametrize(("record", "formatting", "reason"), BAD_RECORDS + PAIR_ONLY_BAD)
 def test_bad_pairs_are_rejected_with_their_reason(record, formatting, reason):
     assert pref.to_preference_pair(record, formatting, min_margin=1.0) == reason
 
@@ -136,8 +153,9 @@ def test_bad_kto_records_are_rejected_with_their_reason(record, formatting, reas
 
 
 def test_every_reason_is_produced_by_some_record():
-    produced = {reason for *_, reason in BAD_RECORDS + KTO_BAD}
-    assert produced == set(pref.REJECT_REASONS)
+    produced = {reason for *_, reason in BAD_RECORDS + PAIR_ONLY_BAD + KTO_BAD}
+    # The job's tokenization gives the other two (tests/unit/test_preference_job.py).
+    assert produced == set(pref.REJECT_REASONS) - {pref.PROMPT_TOO_LONG, pref.TEMPLATE_REJECTED}
 
 
 def test_an_unknown_formatting_is_a_config_error():

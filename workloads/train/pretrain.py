@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from collections import Counter
 from typing import Any
 
@@ -68,11 +67,11 @@ from workloads.train.ray_train import (
     fit,
     gather_peak_memory,
     history_summary,
-    limit_heap_retention,
     load_causal_lm,
     local_checkpoints,
     make_throughput_callback,
     parameter_count,
+    prepare_worker,
     read_tokenized_split,
     resolve_precision,
     run_name,
@@ -261,10 +260,7 @@ def unigram_perplexity(train_counts: np.ndarray, eval_blocks: np.ndarray, vocab_
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = PretrainJobConfig.model_validate(config["cfg"])
-    if not cfg.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # see workloads.train.sft
-        if cfg.deepspeed.releases_host_memory():
-            limit_heap_retention()
+    prepare_worker(cfg.scaling, cfg.deepspeed)
     import datasets
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer

@@ -133,6 +133,11 @@ def torch_trainer(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=checkpointing.num_to_keep),
             failure_config=FailureConfig(max_failures=checkpointing.max_failures),
+            # Ray Train routes workers' print() to its logger, even a print into a StringIO that
+            # the caller captures: `datasets` fingerprints TRL's map functions with dill, which
+            # disassembles them into a captured stdout, and each worker then logged pages of
+            # bytecode. Prints still reach the driver through Ray's stdout forwarding.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets=datasets,
         # Every worker sees the whole (small, tokenized) dataset; the Trainer's distributed
@@ -242,10 +247,10 @@ def select_rejects(batch):
     return batch.filter(pc.is_valid(batch["reject_reason"])).select(REJECT_COLUMNS)
 
 
-def write_rejects(out, folder: str, tokenized_schema) -> dict:
-    """`rejects/` from the job's `_stages/tokenized` (a typed empty table when there are none)."""
-    ds = out.read_dataset("_stages/tokenized").map_batches(select_rejects, batch_format="pyarrow")
-    out.write_dataset(ds, folder, tokenized_schema.empty_table().select(REJECT_COLUMNS).schema)
+def write_rejects(out, folder: str, schema, stage: str = "_stages/tokenized") -> dict:
+    """`rejects/` from the job's prepared-records `stage` (a typed empty table when there are none)."""
+    ds = out.read_dataset(stage).map_batches(select_rejects, batch_format="pyarrow")
+    out.write_dataset(ds, folder, schema.empty_table().select(REJECT_COLUMNS).schema)
     return {}
 
 
@@ -260,18 +265,29 @@ CSV_FIELDS = (
     "peak_memory_mb",
     "memory_mb",
 )
+# What `loss.png` shows by default: one panel, training and evaluation loss.
+LOSS_PANELS = (("cross-entropy (nats/token)", ("loss", "eval_loss")),)
 
 
-def write_training_curves(history: list[dict[str, Any]], folder: str, fs: pafs.FileSystem) -> dict:
-    """`metrics.csv` (one row per logged step: loss, eval loss, learning rate, tokens/s, peak
-    memory) and `loss.png` (training and evaluation loss against step) in `folder`."""
-    train, evals = loss_history(history)
+def write_training_curves(
+    history: list[dict[str, Any]],
+    folder: str,
+    fs: pafs.FileSystem,
+    *,
+    fields: tuple[str, ...] = CSV_FIELDS,
+    panels: tuple[tuple[str, tuple[str, ...]], ...] = LOSS_PANELS,
+    png_name: str = "loss.png",
+) -> dict:
+    """`metrics.csv` (one row per logged step, the `fields` that step logged) and a PNG with one
+    panel per `(title, metric names)` in `panels`, each metric against the optimizer step."""
     rows: dict[int, dict[str, Any]] = {}
-    for entry in train + evals:
+    for entry in history:
+        if "step" not in entry or not any(k in entry for k in fields if k != "step"):
+            continue
         row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
-        row.update({k: entry[k] for k in CSV_FIELDS if k in entry})
+        row.update({k: entry[k] for k in fields if k in entry})
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(text, fieldnames=list(fields))
     writer.writeheader()
     for step in sorted(rows):
         writer.writerow(rows[step])
@@ -284,29 +300,50 @@ def write_training_curves(history: list[dict[str, Any]], folder: str, fs: pafs.F
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
-    if evals:
-        ax.plot(
-            [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss"
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            points = [(s, r[key]) for s, r in sorted(rows.items()) if r.get(key) is not None]
+            if points:
+                style = "o-" if len(points) < 12 else "-"
+                ax.plot(*zip(*points, strict=True), style, label=key, markersize=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    with fs.open_output_stream(posixpath.join(folder, "loss.png")) as f:
+    with fs.open_output_stream(posixpath.join(folder, png_name)) as f:
         f.write(png.getvalue())
     return {
         "metrics_csv": posixpath.join(folder, "metrics.csv"),
-        "loss_png": posixpath.join(folder, "loss.png"),
+        png_name.removesuffix(".png") + "_png": posixpath.join(folder, png_name),
     }
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker side
+
+
+def prepare_worker(scaling: TrainScalingConfig, deepspeed) -> None:
+    """First thing in every `train_loop_per_worker`, before torch or DeepSpeed is imported there.
+
+    On CPU workers DeepSpeed must pick its CPU accelerator (gloo collectives, plus a shared-memory
+    op it JIT-builds once into ~/.cache/torch_extensions), which it does on import; and the heap
+    threshold (`limit_heap_retention`) only holds for allocations made after it is set."""
+    if scaling.use_gpu:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if deepspeed.releases_host_memory():
+        limit_heap_retention()
 
 
 def read_tokenized_split(uri: str, split: str, columns: list[str]):
@@ -476,6 +513,17 @@ def checkpoint_to_resume(resume_from: str | None) -> str | None:
             "folder written by this project's training jobs?"
         )
     return path
+
+
+def checkpoint_step(hf_checkpoint: str | None) -> int | None:
+    """The optimizer step a Hugging Face checkpoint folder was saved at (None: no checkpoint)."""
+    if hf_checkpoint is None:
+        return None
+    state = os.path.join(hf_checkpoint, "trainer_state.json")
+    if not os.path.exists(state):
+        return None
+    with open(state) as f:
+        return json.load(f)["global_step"]
 
 
 @contextlib.contextmanager

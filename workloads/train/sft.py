@@ -38,7 +38,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -68,18 +67,19 @@ from workloads.train.config import (
 )
 from workloads.train.ray_train import (
     check_cluster_fits,
+    checkpoint_step,
     checkpoint_to_resume,
     export_model,
     fit,
     gather_peak_memory,
     history_summary,
-    limit_heap_retention,
     load_causal_lm,
     local_checkpoints,
     lora_config,
     make_throughput_callback,
     merge_adapter,
     parameter_count,
+    prepare_worker,
     read_tokenized_split,
     resolve_precision,
     run_name,
@@ -250,12 +250,7 @@ def tokenize_conversations(
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = SFTJobConfig.model_validate(config["cfg"])
-    if not cfg.scaling.use_gpu:
-        # DeepSpeed picks its accelerator on import; on CPU workers that is its CPU accelerator
-        # (gloo collectives, plus a shared-memory op it JIT-builds once into ~/.cache/torch_extensions).
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if cfg.deepspeed.releases_host_memory():
-            limit_heap_retention()
+    prepare_worker(cfg.scaling, cfg.deepspeed)  # DeepSpeed's CPU accelerator on CPU workers
     import datasets
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
@@ -311,7 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # 5. Resume (Ray Train's latest checkpoint after a failure, or checkpoint.resume_from), train.
     resume = checkpoint_to_resume(cfg.checkpoint.resume_from)
-    resumed_from_step = _global_step(resume)
+    resumed_from_step = checkpoint_step(resume)
     with local_checkpoints(args.output_dir, resume):
         trainer.train(resume_from_checkpoint=resume)
 
@@ -326,13 +321,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "trainable_parameters": parameter_count(trainer.model, trainable_only=True),
         "train_sequences": len(train_dataset),
     }
-
-
-def _global_step(hf_checkpoint: str | None) -> int | None:
-    if hf_checkpoint is None:
-        return None
-    state = Path(hf_checkpoint, "trainer_state.json")
-    return json.loads(state.read_text())["global_step"] if state.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------

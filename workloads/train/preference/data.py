@@ -7,9 +7,10 @@ the per-record logic of the preference job (DPO, IPO, ORPO on pairs; KTO on labe
 
 Accepted layouts (`formatting`, `auto` decides per record):
   standard        {"prompt": str, "chosen": str, "rejected": str}                 (TRL's standard form)
-  conversational  {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}, or no
-                  "prompt" and full conversations in chosen/rejected that share all but the last
-                  turn (TRL's implicit prompt)
+  conversational  {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}, or
+                  full conversations in chosen/rejected that share all but the last turn (TRL's
+                  implicit prompt; HuggingFaceH4/ultrafeedback_binarized, whose extra `prompt`
+                  string is then ignored)
   ultrafeedback   {"instruction" or "prompt": str, "completions": [{"response", "overall_score"}]}:
                   rated completions, binarised to (best, worst) when the score margin is at least
                   `min_margin` (openbmb/UltraFeedback's layout)
@@ -25,6 +26,7 @@ from typing import Any
 from workloads.common.documents import NOT_AN_OBJECT
 from workloads.train.conversations import (
     MALFORMED_TURN,
+    TEMPLATE_REJECTED,
     UNKNOWN_FORMAT,
     UNKNOWN_ROLE,
     parse_turns,
@@ -44,6 +46,10 @@ NO_SHARED_PROMPT = "no_shared_prompt"  # implicit prompt: chosen and rejected di
 TOO_FEW_COMPLETIONS = "too_few_completions"  # ultrafeedback: fewer than two rated completions
 MISSING_SCORE = "missing_score"
 MARGIN_TOO_SMALL = "margin_too_small"  # ultrafeedback: best and worst scores too close to call
+UNPAIRED_RECORD = (
+    "unpaired_record"  # prompt/completion/label given to a pairwise algorithm (DPO, ORPO)
+)
+PROMPT_TOO_LONG = "prompt_too_long"  # the prompt alone fills data.max_length: no completion left
 REJECT_REASONS = (
     NOT_AN_OBJECT,
     UNKNOWN_FORMAT,
@@ -62,6 +68,9 @@ REJECT_REASONS = (
     TOO_FEW_COMPLETIONS,
     MISSING_SCORE,
     MARGIN_TOO_SMALL,
+    UNPAIRED_RECORD,
+    PROMPT_TOO_LONG,
+    TEMPLATE_REJECTED,
 )
 
 PAIR_FORMATTINGS = ("auto", "standard", "conversational", "ultrafeedback")
@@ -147,7 +156,13 @@ def binarize_ratings(
 
 
 def _pair(record: dict) -> dict | str:
-    if "prompt" not in record and isinstance(record.get("chosen"), list):
+    # Full conversations in chosen/rejected: TRL's implicit prompt, and also HuggingFaceH4's
+    # ultrafeedback_binarized, whose `prompt` string repeats the user turn the conversations hold.
+    chosen = record.get("chosen")
+    prompt = record.get("prompt")
+    if isinstance(chosen, list) and (
+        prompt is None or (isinstance(prompt, str) and len(chosen) > 1)
+    ):
         split = _split_implicit(record.get("chosen"), record.get("rejected"))
         if isinstance(split, str):
             return split
@@ -187,6 +202,8 @@ def to_preference_pair(record: Any, formatting: str, *, min_margin: float = 1.0)
         return NOT_AN_OBJECT
     if formatting == "auto":
         formatting = detect_formatting(record)
+        if formatting == "unpaired":
+            return UNPAIRED_RECORD
         if formatting not in PAIR_FORMATTINGS:
             return UNKNOWN_FORMAT
     if formatting == "ultrafeedback":
