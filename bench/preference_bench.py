@@ -67,8 +67,12 @@ OVERHEAD_OVERRIDES = [
     "data.eval_fraction=0",
     "ray.data_progress_bars=false",
 ]
+# One epoch: 20 steps x 2 workers x 2 pairs = the first 80 records. The reference pass scores each
+# pair once per dataset and the online reference once per pair per epoch, so over one epoch both do
+# the same number of reference forwards; more epochs only widen the gap.
 REFERENCE_OVERRIDES = [
     f"train.max_steps={REFERENCE_STEPS}",
+    f"data.max_records={REFERENCE_STEPS * 2 * 2}",
     "train.batch_size=2",
     "train.logging_steps=5",
     "data.max_length=192",
@@ -78,6 +82,7 @@ REFERENCE_OVERRIDES = [
     "scaling.num_workers=2",
     "scaling.resources_per_worker={CPU: 1}",
     "reference_pass.batch_size=8",
+    "reference_pass.num_cpus=2",  # nothing else runs during the pass: give its actor both cores
     "ray.data_progress_bars=false",
 ]
 
@@ -132,7 +137,6 @@ def child_trl_baseline(spec: dict) -> dict:
         **_arguments(cfg),
         beta=cfg.preference.beta,
         loss_type=[cfg.preference.loss_type],
-        label_smoothing=cfg.preference.label_smoothing,
     )
     set_seed(cfg.train.seed)
     tokenizer, model, peft_config = _model(cfg)
@@ -455,8 +459,8 @@ def section_reference(r: dict) -> list[str]:
         "",
         f"DPO on a {r['parameters'] / 1e6:.1f}M-parameter Llama (hidden {r['shape']['hidden_size']}, "
         f"{r['shape']['num_hidden_layers']} layers), fp32, two CPU workers under ZeRO-2, "
-        "`" + " ".join(r["overrides"]) + "`. Online: the trainer runs the reference on every "
-        "batch (LoRA: the base with adapters off; full: TRL's frozen copy of the model). "
+        "`" + " ".join(r["overrides"]) + "`: one epoch. Online: the trainer runs the reference on "
+        "every batch (LoRA: the base with adapters off; full: TRL's frozen copy of the model). "
         "Precomputed: a Ray Data actor scores every pair once before training "
         "(`_stages/reference`), and the trainer holds no reference model. Peak = each worker "
         "process's peak RSS.",

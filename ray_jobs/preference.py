@@ -2,7 +2,7 @@
 
 python -m workloads.train.preference.job make-pairs --out data/preferences.jsonl
 python ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-lora-cpu.yaml [key=value ...]
-ray job submit --working-dir . -- python ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-8b.yaml
+ray job submit --working-dir . -- python ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-lora-8b.yaml
 """
 
 import sys

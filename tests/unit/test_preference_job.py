@@ -39,7 +39,8 @@ CPU_DPO = REPO / "ray_jobs" / "configs" / "preference" / "dpo-lora-cpu.yaml"
         (["algorithm=orpo", "preference.reference=precomputed"], "preference.reference"),
         (["algorithm=kto", "preference.reference=precomputed"], "preference.reference"),
         (["preference.desirable_weight=2"], "desirable_weight"),
-        (["preference.loss_type=ipo", "preference.label_smoothing=0.1"], "label_smoothing"),
+        (["preference.label_smoothing=0.1"], "preference.label_smoothing"),
+        (["method=qlora", "scaling.use_gpu=true", "preference.reference=precomputed"], "qlora"),
         (["data.formatting=unpaired"], "data.formatting"),
         (["algorithm=kto", "train.batch_size=1"], "train.batch_size"),
         (["method=qlora"], "method: qlora"),
@@ -132,6 +133,67 @@ def test_a_prompt_that_fills_max_length_is_rejected_not_dropped(tiny_model):
     long = {"prompt": "word " * 300, "chosen": "Yes.", "rejected": "No."}
     rows = _prepare(tiny_model, [long], max_length=64)
     assert rows[0]["reject_reason"] == pref.PROMPT_TOO_LONG
+
+
+def test_a_template_that_raises_is_a_reject(tiny_model, tmp_path):
+    """Jinja templates raise on what they do not support (here a system turn, as Gemma's and
+    Mistral's older templates do): that record is rejected, the job goes on."""
+    from workloads.train.tiny import CHAT_TEMPLATE
+
+    template = tmp_path / "no-system.jinja"
+    template.write_text(
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{{- raise_exception('System role not supported') }}{%- endif %}" + CHAT_TEMPLATE
+    )
+    system = {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is a list?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "A sequence."}],
+        "rejected": [{"role": "assistant", "content": "A cat."}],
+    }
+    plain = {"prompt": "What is a list?", "chosen": "A sequence.", "rejected": "A cat."}
+    batch = _documents(
+        [{"id": f"r{i}", "text": json.dumps(r)} for i, r in enumerate([system, plain])]
+    )
+    model = ModelConfig(name_or_path=str(tiny_model), chat_template=str(template))
+    rows = prepare_preferences(
+        batch,
+        model=model.model_dump_json(),
+        algorithm="dpo",
+        formatting="auto",
+        min_margin=1.0,
+        max_length=256,
+        eval_fraction=0.0,
+        seed=0,
+    ).to_pylist()
+    assert [r["reject_reason"] for r in rows] == [pref.TEMPLATE_REJECTED, None]
+
+
+def test_kto_examples_are_shuffled_with_the_seed():
+    """TRL's KTO reads in order and pairs each completion with its neighbour's prompt for its KL
+    estimate: a pair's two completions must not stay side by side."""
+    from workloads.train.preference.recipes import _kto_dataset
+
+    rows = [
+        {
+            "kind": "pair",
+            "prompt": json.dumps([{"role": "user", "content": f"q{i}"}]),
+            "chosen": json.dumps([{"role": "assistant", "content": f"good {i}"}]),
+            "rejected": json.dumps([{"role": "assistant", "content": f"bad {i}"}]),
+            "completion": None,
+            "label": None,
+        }
+        for i in range(50)
+    ]
+    first = _kto_dataset(rows, seed=0)
+    again = _kto_dataset(rows, seed=0)
+    assert first["completion"] == again["completion"] and len(first) == 100
+    assert sorted(first["label"]) == [False] * 50 + [True] * 50
+    prompts = [p[0]["content"] for p in first["prompt"]]
+    same_neighbour = sum(a == b for a, b in zip(prompts, prompts[1:], strict=False))
+    assert same_neighbour < 10  # in input order all 50 pairs would be neighbours
 
 
 def test_reader_rejects_pass_through(tiny_model):

@@ -65,18 +65,13 @@ class PreferenceLossConfig(StrictModel):
         gt=0,
         description="DPO/KTO: how far the policy may move from the reference (higher: less); for "
         "IPO it is the regulariser tau. ORPO: the weight of the odds-ratio term (lambda). Also the "
-        "scale of the implicit rewards in the held-out metrics.",
+        "scale of the implicit rewards in the held-out metrics, so held-out margins compare across "
+        "runs with the same beta only; accuracies, log-probs and KL compare across any.",
     )
     loss_type: Literal["sigmoid", "ipo"] = Field(
         default="sigmoid",
         description="DPO only: sigmoid (the DPO paper's loss) or ipo (Azar et al., 2023: a squared "
         "loss that does not push the margin to infinity on deterministic preferences).",
-    )
-    label_smoothing: float = Field(
-        default=0.0,
-        ge=0,
-        lt=0.5,
-        description="DPO sigmoid only: the assumed probability that a label is flipped (cDPO).",
     )
     desirable_weight: float = Field(
         default=1.0,
@@ -92,8 +87,8 @@ class PreferenceLossConfig(StrictModel):
         default="online",
         description="DPO only. online: the trainer scores each batch with the reference model "
         "(LoRA: the base with adapters off; full: a second, frozen copy). precomputed: a Ray "
-        "Data pass scores every pair once before training (stage `_stages/reference`), so training "
-        "never runs, nor holds, the reference model.",
+        "Data pass scores every pair once before training (stage `_stages/reference`; a rerun of "
+        "the job resumes after it), so training never runs, nor holds, the reference model.",
     )
 
 
@@ -104,6 +99,14 @@ class ReferencePassConfig(StrictModel):
     batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass.")
     num_cpus: float = Field(default=1, gt=0, description="CPUs per actor.")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
+
+
+class PreferenceOptimConfig(OptimConfig):
+    """SFT's optimiser section with preference-tuning defaults: a learning rate of 5e-6 (full-weight
+    DPO runs at 5e-7 to 5e-6; LoRA takes about 10x more) and 10% warmup (TRL's DPO examples)."""
+
+    learning_rate: float = Field(default=5e-6, gt=0, le=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps in warmup.")
 
 
 class PreferenceJobConfig(JobConfig):
@@ -128,11 +131,7 @@ class PreferenceJobConfig(JobConfig):
     data: PreferenceDataConfig
     preference: PreferenceLossConfig = Field(default_factory=PreferenceLossConfig)
     reference_pass: ReferencePassConfig = Field(default_factory=ReferencePassConfig)
-    train: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(learning_rate=5e-6, warmup_ratio=0.1),
-        description="As in SFT; the default learning rate is lower (5e-6: full-weight DPO is "
-        "usually run at 5e-7 to 5e-6; LoRA takes about 10x more).",
-    )
+    train: PreferenceOptimConfig = Field(default_factory=PreferenceOptimConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: TrainScalingConfig = Field(default_factory=TrainScalingConfig)
     checkpoint: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
@@ -150,17 +149,21 @@ class PreferenceJobConfig(JobConfig):
         )
         loss = self.preference
         if self.algorithm != "dpo":
-            for key, default in (("loss_type", "sigmoid"), ("label_smoothing", 0.0)):
-                if getattr(loss, key) != default:
-                    raise ValueError(f"preference.{key} applies to algorithm: dpo only")
+            if loss.loss_type != "sigmoid":
+                raise ValueError("preference.loss_type applies to algorithm: dpo only")
             if loss.reference == "precomputed":
                 raise ValueError(
                     "preference.reference: precomputed applies to algorithm: dpo only (KTO's KL "
                     "term pairs each completion with another prompt in its batch, so its reference "
                     "log-probs depend on the batch; ORPO has no reference)"
                 )
-        if loss.label_smoothing and loss.loss_type != "sigmoid":
-            raise ValueError("preference.label_smoothing applies to loss_type: sigmoid only")
+        if self.precomputes_reference and self.method == "qlora":
+            raise ValueError(
+                "preference.reference: precomputed scores pairs with the full-precision model, "
+                "while method: qlora trains from its 4-bit copy, so every reward would start "
+                "off by the quantisation error: use reference: online with qlora (the 4-bit base "
+                "with the adapters off is the reference)"
+            )
         if self.algorithm != "kto" and (loss.desirable_weight != 1 or loss.undesirable_weight != 1):
             raise ValueError("preference.desirable_weight/undesirable_weight apply to kto only")
         if self.data.formatting == "unpaired" and self.algorithm != "kto":

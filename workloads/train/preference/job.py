@@ -4,7 +4,7 @@ weights under DeepSpeed ZeRO 0-3.
     python -m workloads.train.preference.job make-pairs --out data/preferences.jsonl
     python ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-lora-cpu.yaml
     python ray_jobs/preference.py --config ray_jobs/configs/preference/kto-lora-cpu.yaml
-    ray job submit --working-dir . -- python ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-8b.yaml
+    ray job submit --working-dir . -- python ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-lora-8b.yaml
 
 Stages (each writes its own folder; a rerun resumes at the first missing one):
   _stages/pairs      Ray Data: each record to TRL's conversational form (prompt messages, chosen and
@@ -40,7 +40,7 @@ import pyarrow.dataset as pads
 
 from workloads.common.documents import list_input_files, read_documents
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import init_ray
+from workloads.common.ray_runtime import init_ray, on_fixed_size_ray
 from workloads.common.storage import OutputLayout
 from workloads.train.config import ModelConfig, load_tokenizer
 from workloads.train.preference import data as preference_data
@@ -265,6 +265,21 @@ def needs_reference_pass(cfg: PreferenceJobConfig) -> bool:
     return cfg.precomputes_reference or (cfg.algorithm == "orpo" and cfg.method == "full")
 
 
+def check_reference_pass_fits(cfg: PreferenceJobConfig) -> None:
+    """On a fixed-size local Ray, one reference actor that cannot be placed would wait forever."""
+    import ray
+
+    if not on_fixed_size_ray(cfg.ray):
+        return
+    have = ray.cluster_resources()
+    for name, need in (("CPU", cfg.reference_pass.num_cpus), ("GPU", cfg.reference_pass.num_gpus)):
+        if need and have.get(name, 0) < need:
+            raise JobFailed(
+                f"reference_pass.num_{name.lower()}s={need:g}: one reference actor needs {need:g} "
+                f"{name}, and this Ray has {have.get(name, 0):g}"
+            )
+
+
 def _reference_pass(cfg: PreferenceJobConfig, out: OutputLayout, folder: str) -> dict[str, Any]:
     start = time.perf_counter()
     select = kept_rows if cfg.precomputes_reference else kept_eval_pairs
@@ -280,6 +295,7 @@ def _reference_pass(cfg: PreferenceJobConfig, out: OutputLayout, folder: str) ->
                 model=cfg.model.model_dump_json(),
                 max_length=cfg.data.max_length,
                 batch_size=passes.batch_size,
+                precision=cfg.train.precision,
             ),
             concurrency=passes.concurrency,
             num_cpus=passes.num_cpus,
@@ -302,6 +318,9 @@ def _train(cfg: PreferenceJobConfig, out: OutputLayout, has_reference: bool, fol
             "cfg": cfg.model_dump(mode="json"),
             "pairs": out.uri_of("_stages/pairs"),
             "reference": out.uri_of("_stages/reference") if has_reference else None,
+            # Every pair for DPO's precomputed reference; the held-out pairs only for ORPO's
+            # full-weight evaluation.
+            "reference_splits": [TRAIN, EVAL] if cfg.precomputes_reference else [EVAL],
         },
         name=run_name(f"preference-{cfg.algorithm}", cfg),
         scaling=cfg.scaling,
@@ -341,6 +360,8 @@ def run(cfg: PreferenceJobConfig) -> JobManifest:
     out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
     init_ray(cfg.ray, dashboard=True)  # Ray Train's placement-group cleanup needs the state API
     check_cluster_fits(cfg.ray, cfg.scaling)
+    if needs_reference_pass(cfg):
+        check_reference_pass_fits(cfg)
 
     prepared = out.run_stage(
         "_stages/pairs", lambda folder: _prepare(cfg, out, files, folder), manifest

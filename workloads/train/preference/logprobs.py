@@ -148,16 +148,22 @@ class ReferenceLogProbs:
     `model` is the job's ModelConfig as JSON. Rows need `prompt`, `chosen`, `rejected` (JSON
     messages); they come out with the two columns added."""
 
-    def __init__(self, *, model: str, max_length: int, batch_size: int = 8) -> None:
+    def __init__(
+        self, *, model: str, max_length: int, batch_size: int = 8, precision: str = "auto"
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         from workloads.train.config import ModelConfig, load_tokenizer
+        from workloads.train.ray_train import resolve_precision
 
         model_cfg = ModelConfig.model_validate_json(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_cfg)
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        # The dtype the policy trains in (`train.precision`, resolved here, where the GPU is), so
+        # the reference is the policy's starting point to the bit, not a rounding of it.
+        precision = resolve_precision(precision, self.device == "cuda")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         self.model = (
             AutoModelForCausalLM.from_pretrained(
                 model_cfg.name_or_path,

@@ -58,7 +58,6 @@ def dpo_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         **_arguments(cfg),
         beta=cfg.preference.beta,
         loss_type=[cfg.preference.loss_type],
-        label_smoothing=cfg.preference.label_smoothing,
         precompute_ref_log_probs=cfg.precomputes_reference,
     )
     tokenizer, model, peft_config = _model(cfg)
@@ -82,11 +81,11 @@ def kto_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from trl import KTOConfig, KTOTrainer
 
     train_rows, eval_rows = _read(config, TRAIN), _read(config, EVAL)
-    train_dataset = _kto_dataset(train_rows)
+    train_dataset = _kto_dataset(train_rows, cfg.train.seed)
     # Held-out unpaired completions have no partner to compare with: TRL's own evaluation scores
     # them (eval_kl, eval_rewards/*); held-out pairs go to the pair evaluation, as for DPO.
     eval_unpaired = [r for r in eval_rows if r["kind"] == "unpaired"]
-    eval_dataset = _kto_dataset(eval_unpaired) if eval_unpaired else None
+    eval_dataset = _kto_dataset(eval_unpaired, cfg.train.seed) if eval_unpaired else None
 
     args = KTOConfig(
         **_arguments(cfg, has_eval=eval_dataset is not None),
@@ -139,10 +138,13 @@ TRAIN_LOOPS = {"dpo": dpo_train_loop, "kto": kto_train_loop, "orpo": orpo_train_
 
 
 def _read(config: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    """One split of the prepared records (or of the reference stage, which adds the log-probs)."""
-    uri = config["reference"] or config["pairs"]
-    columns = PAIR_COLUMNS + ([*REF_COLUMNS] if config["reference"] else [])
-    return read_tokenized_split(uri, split, columns).to_pylist()
+    """One split of the prepared records, from the reference stage (which adds the log-probs)
+    when the reference pass scored that split."""
+    if config["reference"] and split in config["reference_splits"]:
+        return read_tokenized_split(
+            config["reference"], split, [*PAIR_COLUMNS, *REF_COLUMNS]
+        ).to_pylist()
+    return read_tokenized_split(config["pairs"], split, PAIR_COLUMNS).to_pylist()
 
 
 def _pairs_dataset(rows: list[dict], with_reference: bool = True):
@@ -158,8 +160,16 @@ def _pairs_dataset(rows: list[dict], with_reference: bool = True):
     return datasets.Dataset.from_list(records)
 
 
-def _kto_dataset(rows: list[dict]):
-    """TRL's conversational unpaired format: prompt, completion, label (desirable or not)."""
+def _kto_dataset(rows: list[dict], seed: int):
+    """TRL's conversational unpaired format: prompt, completion, label (desirable or not), in a
+    seeded random order.
+
+    TRL's KTO reads its data in order (its KL estimate pairs each completion with its neighbour's
+    prompt within a batch), so the order matters twice: a pair's two completions must not sit side
+    by side, or the "mismatched" KL pairs would share a prompt and the estimate would collapse into
+    the implied reward; and data stored grouped by source would train one source at a time."""
+    import random
+
     import datasets
 
     examples = []
@@ -176,6 +186,7 @@ def _kto_dataset(rows: list[dict]):
             examples.append(
                 {"prompt": prompt, "completion": json.loads(r["completion"]), "label": r["label"]}
             )
+    random.Random(seed).shuffle(examples)
     return datasets.Dataset.from_list(examples)
 
 
@@ -191,6 +202,9 @@ def _arguments(cfg: PreferenceJobConfig, has_eval: bool = False) -> dict[str, An
         ),
         max_length=cfg.data.max_length,
         ddp_find_unused_parameters=False,
+        # TRL builds the reference copy itself (full weights, online reference) from the model's
+        # name: it needs the same permission as the policy.
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 
