@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.integration.worker_faults import run_and_kill_a_worker
+from workloads.common.manifest import JobFailed
 from workloads.train.preference.config import PreferenceJobConfig
 from workloads.train.preference.job import PLANTED_REASONS, make_pairs, run
 
@@ -311,3 +312,20 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
     assert 5 <= extra["resumed_from_step"] < 30
     assert extra["heldout_after"]["heldout/reward_accuracy"] > 0.6
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def test_reference_actors_that_starve_ray_data_fail_fast(
+    ray_session, tiny_model, preferences, tmp_path
+):
+    """Two reference actors of one CPU on a 2-CPU Ray would leave Ray Data's read tasks no CPU, and
+    the pass would wait forever: refused before any stage runs."""
+    cfg = preference_config(
+        tiny_model,
+        preferences,
+        tmp_path / "starved",
+        preference={"beta": 0.5, "reference": "precomputed"},
+        reference_pass={"concurrency": 2},
+    )
+    with pytest.raises(JobFailed, match="reference_pass.num_cpus"):
+        run(cfg)
+    assert not (tmp_path / "starved" / "_stages").exists()

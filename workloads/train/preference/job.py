@@ -266,18 +266,26 @@ def needs_reference_pass(cfg: PreferenceJobConfig) -> bool:
 
 
 def check_reference_pass_fits(cfg: PreferenceJobConfig) -> None:
-    """On a fixed-size local Ray, one reference actor that cannot be placed would wait forever."""
+    """On a fixed-size local Ray, reference actors that cannot be placed, or that take every CPU
+    from the tasks feeding them, would wait forever."""
     import ray
 
     if not on_fixed_size_ray(cfg.ray):
         return
     have = ray.cluster_resources()
-    for name, need in (("CPU", cfg.reference_pass.num_cpus), ("GPU", cfg.reference_pass.num_gpus)):
-        if need and have.get(name, 0) < need:
-            raise JobFailed(
-                f"reference_pass.num_{name.lower()}s={need:g}: one reference actor needs {need:g} "
-                f"{name}, and this Ray has {have.get(name, 0):g}"
-            )
+    passes = cfg.reference_pass
+    if passes.num_gpus and have.get("GPU", 0) < passes.num_gpus:
+        raise JobFailed(
+            f"reference_pass.num_gpus={passes.num_gpus:g}: one reference actor needs "
+            f"{passes.num_gpus:g} GPU, and this Ray has {have.get('GPU', 0):g}"
+        )
+    # Ray Data's read and write tasks need a CPU beside the actors, or the pass waits forever.
+    if passes.num_cpus * passes.concurrency > have.get("CPU", 0) - 1:
+        raise JobFailed(
+            f"reference_pass.num_cpus={passes.num_cpus:g} x reference_pass.concurrency="
+            f"{passes.concurrency} leaves no CPU of this Ray's {have.get('CPU', 0):g} for Ray "
+            "Data's read and write tasks: lower them"
+        )
 
 
 def _reference_pass(cfg: PreferenceJobConfig, out: OutputLayout, folder: str) -> dict[str, Any]:
