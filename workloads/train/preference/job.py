@@ -40,7 +40,7 @@ import pyarrow.dataset as pads
 
 from workloads.common.documents import list_input_files, read_documents
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import init_ray, on_fixed_size_ray
+from workloads.common.ray_runtime import check_cpus_left_for_tasks, init_ray, on_fixed_size_ray
 from workloads.common.storage import OutputLayout
 from workloads.train.config import ModelConfig, load_tokenizer
 from workloads.train.preference import data as preference_data
@@ -279,13 +279,12 @@ def check_reference_pass_fits(cfg: PreferenceJobConfig) -> None:
             f"reference_pass.num_gpus={passes.num_gpus:g}: one reference actor needs "
             f"{passes.num_gpus:g} GPU, and this Ray has {have.get('GPU', 0):g}"
         )
-    # Ray Data's read and write tasks need a CPU beside the actors, or the pass waits forever.
-    if passes.num_cpus * passes.concurrency > have.get("CPU", 0) - 1:
-        raise JobFailed(
-            f"reference_pass.num_cpus={passes.num_cpus:g} x reference_pass.concurrency="
-            f"{passes.concurrency} leaves no CPU of this Ray's {have.get('CPU', 0):g} for Ray "
-            "Data's read and write tasks: lower them"
-        )
+    check_cpus_left_for_tasks(
+        cfg.ray,
+        held=passes.num_cpus * passes.concurrency,
+        holders="the reference pass",
+        remedy="lower reference_pass.num_cpus or reference_pass.concurrency",
+    )
 
 
 def _reference_pass(cfg: PreferenceJobConfig, out: OutputLayout, folder: str) -> dict[str, Any]:
