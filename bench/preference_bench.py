@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from bench import sft_bench  # noqa: E402
 from bench.results_md import write_section  # noqa: E402
 from bench.sft_bench import MEMORY_MODEL, OVERHEAD_MODEL, machine, save_llama, throughput  # noqa: E402
 from workloads.common.manifest import package_versions  # noqa: E402
@@ -198,26 +199,7 @@ CHILDREN = {"job": child_job, "trl_baseline": child_trl_baseline, "demo_model": 
 
 
 def run_child(kind: str, spec: dict, work: Path, label: str) -> dict:
-    spec_path, result_path = work / f"{label}.spec.json", work / f"{label}.result.json"
-    log_path = work / f"{label}.log"
-    spec_path.write_text(json.dumps(spec))
-    print(f"[preference_bench] {label} ...", flush=True)
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", kind, str(spec_path), str(result_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        print(log_path.read_text()[-6000:], file=sys.stderr)
-        raise RuntimeError(f"{label} failed (exit {proc.returncode}); log above")
-    result = json.loads(result_path.read_text())
-    result["process_seconds"] = round(wall, 1)
-    print(f"[preference_bench] {label}: {wall:.0f} s", flush=True)
-    return result
+    return sft_bench.run_child(kind, spec, work, label, script=__file__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,16 +212,17 @@ CHILDREN = {
 }
 
 
-def run_child(kind: str, spec: dict, work: Path, label: str) -> dict:
-    """Run one child process; its result, plus the process's own wall time."""
+def run_child(kind: str, spec: dict, work: Path, label: str, script: str = __file__) -> dict:
+    """Run `script --child kind` in its own process; its result, plus the process's wall time."""
+    name = Path(script).stem
     spec_path, result_path = work / f"{label}.spec.json", work / f"{label}.result.json"
     log_path = work / f"{label}.log"
     spec_path.write_text(json.dumps(spec))
-    print(f"[sft_bench] {label} ...", flush=True)
+    print(f"[{name}] {label} ...", flush=True)
     start = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", kind, str(spec_path), str(result_path)],
+            [sys.executable, script, "--child", kind, str(spec_path), str(result_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -232,7 +233,7 @@ def run_child(kind: str, spec: dict, work: Path, label: str) -> dict:
         raise RuntimeError(f"{label} failed (exit {proc.returncode}); log above")
     result = json.loads(result_path.read_text())
     result["process_seconds"] = round(wall, 1)
-    print(f"[sft_bench] {label}: {wall:.0f} s", flush=True)
+    print(f"[{name}] {label}: {wall:.0f} s", flush=True)
     return result
 
 

@@ -64,12 +64,11 @@ def tokenize_pair(tokenizer, prompt: list, chosen: list, rejected: list) -> dict
     }
 
 
-def _completion_positions(logits, input_ids, completion_mask, row: int):
-    """Row `row`'s logits at the positions that predict a completion token, in fp32, and those
-    tokens. Selecting them before the softmax keeps the vocabulary-wide tensors at completion
-    length (a few hundred positions) rather than batch x sequence length."""
-    selected = completion_mask[row, 1:].bool()
-    return logits[row, :-1][selected].float(), input_ids[row, 1:][selected]
+def _completion_positions(logits, completion_mask, row: int):
+    """Row `row`'s logits at the positions that predict a completion token, in fp32. Selecting them
+    before the softmax keeps the vocabulary-wide tensors at completion length (a few hundred
+    positions) rather than batch x sequence length."""
+    return logits[row, :-1][completion_mask[row, 1:].bool()].float()
 
 
 def completion_logps(logits, input_ids, completion_mask):
@@ -79,9 +78,9 @@ def completion_logps(logits, input_ids, completion_mask):
 
     sums = []
     for row in range(logits.shape[0]):
-        scores, targets = _completion_positions(logits, input_ids, completion_mask, row)
-        logps = torch.log_softmax(scores, dim=-1).gather(-1, targets[:, None])
-        sums.append(logps.sum())
+        scores = _completion_positions(logits, completion_mask, row)
+        targets = input_ids[row, 1:][completion_mask[row, 1:].bool()]
+        sums.append(torch.log_softmax(scores, dim=-1).gather(-1, targets[:, None]).sum())
     return torch.stack(sums)
 
 
@@ -92,11 +91,9 @@ def completion_kl(policy_logits, reference_logits, completion_mask):
     import torch
 
     sums, counts = [], []
-    ids = torch.zeros_like(completion_mask)  # the tokens themselves are not needed here
     for row in range(policy_logits.shape[0]):
-        p, _ = _completion_positions(policy_logits, ids, completion_mask, row)
-        q, _ = _completion_positions(reference_logits, ids, completion_mask, row)
-        p, q = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
+        p = torch.log_softmax(_completion_positions(policy_logits, completion_mask, row), dim=-1)
+        q = torch.log_softmax(_completion_positions(reference_logits, completion_mask, row), dim=-1)
         sums.append((p.exp() * (p - q)).sum())
         counts.append(torch.tensor(float(p.shape[0]), device=p.device))
     return torch.stack(sums), torch.stack(counts)
@@ -198,16 +195,12 @@ class ReferenceLogProbs:
             inputs = collate_pairs(
                 tokenized, pad_token_id=self.pad_token_id, max_length=self.max_length
             )
+            ids = inputs["input_ids"].to(self.device)
             with torch.inference_mode():
                 logits = self.model(
-                    input_ids=inputs["input_ids"].to(self.device),
-                    attention_mask=inputs["attention_mask"].to(self.device),
+                    input_ids=ids, attention_mask=inputs["attention_mask"].to(self.device)
                 ).logits
-            logps = completion_logps(
-                logits,
-                inputs["input_ids"].to(self.device),
-                inputs["completion_mask"].to(self.device),
-            ).cpu()
+            logps = completion_logps(logits, ids, inputs["completion_mask"].to(self.device)).cpu()
             c, r = logps.chunk(2)
             chosen.extend(c.tolist())
             rejected.extend(r.tolist())
