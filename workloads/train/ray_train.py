@@ -110,12 +110,16 @@ def torch_trainer(
     checkpointing: CheckpointingConfig,
     storage: str,
     datasets: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    keep_best: tuple[str, str] | None = None,
 ):
     """A TorchTrainer whose run is named `name` under `storage`.
 
     The same name and storage make a rerun of the same config continue the same Ray Train run
     from its latest checkpoint (Ray Train v2 restores the run's checkpoint manager), so a job that
-    `ray job submit` or a RayJob retries picks up where it died."""
+    `ray job submit` or a RayJob retries picks up where it died. `callbacks` are Ray Train
+    callbacks (a tuning sweep passes Tune's `TuneReportCallback`); `keep_best` = (metric, "min" or
+    "max") keeps the best `checkpoint.num_to_keep` checkpoints by that metric, not the latest."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -131,7 +135,12 @@ def torch_trainer(
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=checkpointing.num_to_keep),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=checkpointing.num_to_keep,
+                checkpoint_score_attribute=keep_best[0] if keep_best else None,
+                checkpoint_score_order=keep_best[1] if keep_best else "max",
+            ),
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=checkpointing.max_failures),
             # Ray Train routes workers' print() to its logger, even a print into a StringIO that
             # the caller captures: `datasets` fingerprints TRL's map functions with dill, which

@@ -341,7 +341,7 @@ def check_tokenizer(cfg: SFTJobConfig) -> None:
         raise JobFailed(f"data.assistant_only_loss / model.tokenizer: {exc}") from None
 
 
-def _tokenize(cfg: SFTJobConfig, out: OutputLayout, files, folder: str) -> dict[str, Any]:
+def tokenize_stage(cfg: SFTJobConfig, out: OutputLayout, files, folder: str) -> dict[str, Any]:
     ds = read_documents(cfg.data, files, whole_record=True).map_batches(
         tokenize_conversations,
         batch_format="pyarrow",
@@ -411,7 +411,7 @@ def run(cfg: SFTJobConfig) -> JobManifest:
     check_cluster_fits(cfg.ray, cfg.scaling)
 
     tokenized = out.run_stage(
-        "_stages/tokenized", lambda folder: _tokenize(cfg, out, files, folder), manifest
+        "_stages/tokenized", lambda folder: tokenize_stage(cfg, out, files, folder), manifest
     )
     counts = tokenized.info
     manifest.read = counts["read"]

@@ -224,7 +224,9 @@ def check_tokenizer(cfg: PreferenceJobConfig) -> None:
         )
 
 
-def _prepare(cfg: PreferenceJobConfig, out: OutputLayout, files, folder: str) -> dict[str, Any]:
+def prepare_stage(
+    cfg: PreferenceJobConfig, out: OutputLayout, files, folder: str
+) -> dict[str, Any]:
     ds = read_documents(cfg.data, files, whole_record=True).map_batches(
         prepare_preferences,
         batch_format="pyarrow",
@@ -371,7 +373,7 @@ def run(cfg: PreferenceJobConfig) -> JobManifest:
         check_reference_pass_fits(cfg)
 
     prepared = out.run_stage(
-        "_stages/pairs", lambda folder: _prepare(cfg, out, files, folder), manifest
+        "_stages/pairs", lambda folder: prepare_stage(cfg, out, files, folder), manifest
     )
     counts = prepared.info
     manifest.read = counts["read"]

@@ -1,0 +1,171 @@
+"""LoRA sweeps on a real local Ray: Ray Tune trials that each drive a Ray Train SFT run through
+TuneReportCallback, ASHA stopping trials early on eval loss, the best adapter exported, and an
+interrupted sweep continued with Tuner.restore."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from workloads.common.config import load_config
+from workloads.train.tune import LoraSweepConfig, run
+
+pytestmark = pytest.mark.slow
+
+CONFIG = REPO / "ray_jobs" / "configs" / "tune_lora" / "sft-cpu.yaml"
+MAX_STEPS, SAMPLES = 12, 4
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> Path:
+    from workloads.train.sft import make_instructions
+
+    path = tmp_path_factory.mktemp("tune-data") / "instructions.jsonl"
+    make_instructions(path, limit=160)
+    return path
+
+
+def sweep_overrides(tiny_model: Path, data: Path, out: Path, samples: int = SAMPLES) -> list[str]:
+    return [
+        "base_overrides="
+        + json.dumps(
+            [
+                f"model.name_or_path={tiny_model}",
+                f"data.path={data}",
+                "data.max_length=128",
+                "data.eval_fraction=0.1",
+                f"train.max_steps={MAX_STEPS}",
+                "train.batch_size=8",
+                "train.logging_steps=3",
+                "train.eval_steps=3",
+                "checkpoint.every_steps=3",
+                "checkpoint.num_to_keep=1",
+                "checkpoint.max_failures=0",
+                "lora.merge=false",
+                "deepspeed.config=null",
+                "scaling.num_workers=1",
+            ]
+        ),
+        "search_space="
+        + json.dumps(
+            {
+                "lora.r": {"choice": [4, 16]},
+                "train.learning_rate": {"loguniform": [1.0e-4, 3.0e-3]},
+            }
+        ),
+        "scheduler.grace_period=3",
+        "scheduler.reduction_factor=2",
+        f"search.num_samples={samples}",
+        f"output.path={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tiny_model, instructions, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "sweep"
+    cfg = load_config(LoraSweepConfig, CONFIG, sweep_overrides(tiny_model, instructions, out))
+    return cfg, out, run(cfg)
+
+
+def test_every_trial_is_reported_and_asha_stops_some_early(sweep):
+    _, out, manifest = sweep
+    trials = manifest.extra["trials"]
+    assert len(trials) == SAMPLES
+    assert all(t["error"] is None for t in trials)
+    assert all(t["best_eval_loss"] is not None for t in trials)
+    # ASHA compares at steps 3 and 6 and keeps the better half: fewer steps than running them all.
+    assert manifest.extra["stopped_early"] >= 1
+    assert (
+        manifest.extra["trial_steps_run"]
+        < manifest.extra["trial_steps_budget"]
+        == SAMPLES * MAX_STEPS
+    )
+    assert any(t["steps_run"] == MAX_STEPS for t in trials)
+    rows = list(csv.DictReader((out / "trials" / "trials.csv").open()))
+    assert len(rows) == SAMPLES and {"lora.r", "train.learning_rate", "best_eval_loss"} <= set(
+        rows[0]
+    )
+    assert (out / "trials" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_best_trial_is_exported_as_an_adapter(sweep, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, out, manifest = sweep
+    best = manifest.extra["best"]
+    losses = [t["best_eval_loss"] for t in manifest.extra["trials"]]
+    assert best["eval_loss"] == min(losses)
+    adapter = out / "best"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == best["config"]["lora.r"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    assert not torch.allclose(tuned, base)
+
+
+def test_an_interrupted_sweep_continues_with_tuner_restore(
+    ray_session, tiny_model, instructions, tmp_path
+):
+    """Kill the sweep's driver once a trial has finished, then run the same command again: Tune
+    restores the experiment, keeps the finished trial and runs only what is left."""
+    import ray
+
+    out = tmp_path / "sweep"
+    overrides = [
+        *sweep_overrides(tiny_model, instructions, out, samples=3),
+        "max_concurrent_trials=1",
+        "scheduler.type=fifo",
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+    ]
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "ray_jobs" / "tune_lora.py"),
+            "--config",
+            str(CONFIG),
+            *overrides,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    experiment = out / "_ray_tune"
+    deadline = time.monotonic() + 600
+    finished = []
+    while time.monotonic() < deadline and driver.poll() is None:
+        finished = _finished_trials(experiment)
+        if finished:
+            break
+        time.sleep(1)
+    driver.kill()
+    driver.wait()
+    assert finished, "no trial finished before the deadline"
+
+    cfg = load_config(LoraSweepConfig, CONFIG, overrides[:-1])
+    manifest = run(cfg)
+    trials = {t["trial_id"]: t for t in manifest.extra["trials"]}
+    assert len(trials) == 3 and all(t["steps_run"] == MAX_STEPS for t in trials.values())
+    assert set(finished) <= set(trials)  # the trial finished before the kill is the same trial
+
+
+def _finished_trials(experiment: Path) -> list[str]:
+    """Trial ids whose result.json records the last step."""
+    done = []
+    for result in experiment.glob("tune-lora-*/*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if any(r.get("step") == MAX_STEPS for r in lines):
+            done.append(lines[-1]["trial_id"])
+    return done

@@ -1,0 +1,73 @@
+"""The LoRA sweep's config without Ray: search-space keys checked against the job they sweep,
+distributions, scheduler rules, and how sampled values become a trial's overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO
+from workloads.common.config import ConfigError, load_config
+from workloads.train.tune import Distribution, LoraSweepConfig, trial_overrides
+
+CPU_SWEEP = REPO / "ray_jobs" / "configs" / "tune_lora" / "sft-cpu.yaml"
+
+
+def _space(space: dict) -> str:
+    return "search_space=" + json.dumps(space)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ([_space({"lora.rank": {"choice": [4]}})], "lora.rank"),  # misspelt: the SFT config says so
+        ([_space({"lora.r": {"choice": [0]}})], "search_space.lora.r=0"),  # r >= 1 in LoraConfig
+        ([_space({"data.max_length": {"choice": [64]}})], "search_space.data.max_length"),
+        ([_space({"lora.r": {"choice": [4], "grid": [8]}})], "exactly one"),
+        ([_space({"train.learning_rate": {"loguniform": [0, 1e-3]}})], "lo must be > 0"),
+        ([_space({"train.learning_rate": {"uniform": [1e-3, 1e-4]}})], "lo < hi"),
+        ([_space({"lora.alpha_over_r": {"choice": [-1]}})], "lora.alpha_over_r"),
+        (["scheduler.type=pbt"], "scheduler.type: pbt"),  # the CPU space sweeps lora.r
+        (["search.algorithm=grid"], "search.algorithm: grid"),
+        (["base_overrides=[train.max_steps=3]"], "checkpoint.every_steps"),
+        (["base_overrides=[data.eval_fraction=0]"], "data.eval_fraction"),
+        (["base_config=nowhere.yaml"], "base_config"),
+        (["max_concurrent_trials=0"], "max_concurrent_trials"),
+    ],
+)
+def test_bad_sweeps_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        load_config(LoraSweepConfig, CPU_SWEEP, overrides)
+
+
+def test_the_shipped_sweep_validates_and_optimises_eval_loss():
+    cfg = load_config(LoraSweepConfig, CPU_SWEEP)
+    assert cfg.objective == ("eval_loss", "min")
+    assert cfg.base_job().scaling.num_workers == 1 and cfg.base_job().train.max_steps == 30
+
+
+def test_pbt_over_continuous_keys_validates():
+    cfg = load_config(
+        LoraSweepConfig,
+        CPU_SWEEP,
+        ["scheduler.type=pbt", _space({"train.learning_rate": {"loguniform": [1e-4, 1e-3]}})],
+    )
+    assert cfg.scheduler.type == "pbt"
+
+
+def test_alpha_over_r_follows_the_sampled_rank():
+    assert trial_overrides({"lora.r": 8, "lora.alpha_over_r": 2}, base_lora_r=16) == [
+        "lora.r=8",
+        "lora.alpha=16.0",
+    ]
+    assert trial_overrides({"lora.alpha_over_r": 1}, base_lora_r=16) == ["lora.alpha=16.0"]
+    assert trial_overrides({"lora.target_modules": ["q_proj"]}, 16) == [
+        'lora.target_modules=["q_proj"]'
+    ]
+
+
+def test_distribution_sizes():
+    assert Distribution(choice=[1, 2, 3]).size() == 3
+    assert Distribution(randint=(2, 5)).size() == 3
+    assert Distribution(loguniform=(1e-4, 1e-3)).size() is None

@@ -1,0 +1,684 @@
+"""Ray Tune sweeps over LoRA hyperparameters: every trial is an SFT (or DPO) run on Ray Train, and
+ASHA stops the unpromising ones early.
+
+    python ray_jobs/tune_lora.py --config ray_jobs/configs/tune_lora/sft-cpu.yaml
+    ray job submit --working-dir . -- python ray_jobs/tune_lora.py --config ray_jobs/configs/tune_lora/sft-8b.yaml
+
+The sweep starts from a job config (`base_config`: an SFT or preference YAML, with `base_overrides`)
+and a search space over its keys, in Tune's distributions:
+
+    search_space:
+      lora.r: {choice: [8, 16, 32]}
+      lora.alpha_over_r: {choice: [1, 2]}        # alpha = r x this (rsLoRA-style scaling sweeps)
+      lora.dropout: {uniform: [0.0, 0.1]}
+      lora.target_modules: {choice: [all-linear, [q_proj, v_proj]]}
+      train.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}
+      train.warmup_ratio: {grid: [0.0, 0.1]}
+
+Every key is checked against the job's own config before Ray starts (a misspelt key fails, naming
+it). The data stage runs once on the driver (`_stages/tokenized` or `_stages/pairs`) and every
+trial trains on it. A trial is Tune's function trainable that builds the job's `TorchTrainer` with
+Tune's `TuneReportCallback`: each checkpoint's report (eval loss, or the held-out DPO metrics) reaches
+Tune, so ASHA compares trials at the same step and stops the worst. Trials run
+`max_concurrent_trials` at a time, by default as many as the cluster's CPUs and GPUs hold.
+
+Outputs:
+  trials/          trials.csv (one row per trial: its sampled config, best metric, steps run,
+                   stopped early or not) and curves.png (the metric against step, one line each)
+  best/            the best trial's best checkpoint as a servable adapter folder
+  _manifest.json   the table, the best trial and its config, steps run against the full budget
+An interrupted sweep (the driver killed, a retried RayJob) continues where it was with
+`Tuner.restore`: finished trials are kept, unfinished ones resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import posixpath
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from workloads.common.config import (
+    ConfigError,
+    JobConfig,
+    OutputConfig,
+    StrictModel,
+    apply_override,
+    load_config,
+)
+from workloads.common.documents import list_input_files
+from workloads.common.manifest import JobFailed, JobManifest, finish_job
+from workloads.common.ray_runtime import init_ray, on_fixed_size_ray
+from workloads.common.storage import OutputLayout
+from workloads.train.config import project_file
+from workloads.train.ray_train import export_model, storage_path, torch_trainer, write_rejects
+
+log = logging.getLogger(__name__)
+
+ALPHA_OVER_R = "lora.alpha_over_r"
+# Keys a sweep may not vary: the data stage is shared by every trial, and where a trial's output
+# and checkpoints go is the sweep's business.
+FIXED_PREFIXES = ("data.", "output.", "storage_path", "ray.", "checkpoint.", "scaling.")
+# Keys that change a model's shape or the data a checkpoint was trained on: PBT copies one trial's
+# checkpoint into another and carries on with new values, so only these can change mid-run.
+PBT_MUTABLE = ("train.learning_rate", "train.warmup_ratio", "train.weight_decay", "lora.dropout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+class Distribution(StrictModel):
+    """One of Tune's sampling distributions; exactly one key."""
+
+    choice: list[Any] | None = Field(default=None, description="tune.choice: one of these.")
+    grid: list[Any] | None = Field(
+        default=None, description="tune.grid_search: every value, crossed with the other grids."
+    )
+    uniform: tuple[float, float] | None = Field(default=None, description="tune.uniform(lo, hi).")
+    loguniform: tuple[float, float] | None = Field(
+        default=None, description="tune.loguniform(lo, hi): learning rates."
+    )
+    randint: tuple[int, int] | None = Field(
+        default=None, description="tune.randint(lo, hi): an integer in [lo, hi)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of choice, grid, uniform, loguniform, randint, not "
+                f"{given or 'none'}"
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind}: give at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind}: [lo, hi] needs lo < hi, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform: lo must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self.model_dump().items() if v is not None)
+
+    def values_to_check(self) -> list[Any]:
+        """Values that stand for the whole range when the job config validates them."""
+        value = getattr(self, self.kind)
+        return list(value)
+
+    def to_tune(self):
+        from ray import tune
+
+        value = getattr(self, self.kind)
+        return {
+            "choice": lambda: tune.choice(value),
+            "grid": lambda: tune.grid_search(value),
+            "uniform": lambda: tune.uniform(*value),
+            "loguniform": lambda: tune.loguniform(*value),
+            "randint": lambda: tune.randint(*value),
+        }[self.kind]()
+
+    def size(self) -> int | None:
+        """How many distinct values; None for a continuous range."""
+        if self.kind in ("choice", "grid"):
+            return len(getattr(self, self.kind))
+        if self.kind == "randint":
+            return self.randint[1] - self.randint[0]
+        return None
+
+
+class SchedulerConfig(StrictModel):
+    type: Literal["asha", "pbt", "fifo"] = Field(
+        default="asha",
+        description="asha: successive halving, stopping the worst trials at each rung (Li et al. "
+        "2020); pbt: population-based training, copying the best trials' checkpoints into the "
+        "worst and perturbing their hyperparameters (Jaderberg et al. 2017); fifo: every trial "
+        "runs to the end (a plain random or grid search).",
+    )
+    grace_period: int = Field(
+        default=10,
+        ge=1,
+        description="ASHA: optimizer steps every trial runs before it can be stopped (its first "
+        "rung). Put a checkpoint (checkpoint.every_steps of the base config) on it.",
+    )
+    reduction_factor: float = Field(
+        default=2,
+        gt=1,
+        description="ASHA: keep the best 1/this of the trials at each rung (Ray's default is 4; "
+        "2 suits sweeps of under 10 trials).",
+    )
+    perturbation_interval: int = Field(
+        default=20, ge=1, description="PBT: steps between exploit/explore decisions."
+    )
+
+
+class SearchConfig(StrictModel):
+    algorithm: Literal["random", "grid", "optuna"] = Field(
+        default="random",
+        description="random: Tune's variant generator (grid keys crossed, the rest sampled "
+        "num_samples times); grid: every combination once (every distribution must be a grid); "
+        "optuna: Optuna's TPE sampler (Tune's OptunaSearch).",
+    )
+    num_samples: int = Field(
+        default=8, ge=1, description="Trials (random, optuna); per grid combination with grids."
+    )
+    seed: int = Field(default=0, description="Seed of the sampler.")
+
+
+class LoraSweepConfig(JobConfig):
+    job: Literal["sft", "dpo"] = Field(
+        description="What every trial runs: sft (workloads.train.sft; metric eval_loss) or dpo "
+        "(workloads.train.preference, algorithm dpo; metric heldout/reward_accuracy)."
+    )
+    base_config: str = Field(
+        description="The job's YAML every trial starts from (ray_jobs/configs/sft/... or "
+        "ray_jobs/configs/preference/...)."
+    )
+    base_overrides: list[str] = Field(
+        default_factory=list, description="key=value overrides of the base config, for every trial."
+    )
+    search_space: dict[str, Distribution] = Field(
+        description="Base-config key -> distribution. `lora.alpha_over_r` sets lora.alpha to "
+        "lora.r x the sampled value."
+    )
+    metric: str | None = Field(
+        default=None,
+        description="What the sweep optimises, as Ray Train reports it. Default: eval_loss (sft), "
+        "heldout/reward_accuracy (dpo).",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="Default: min for a loss, max otherwise."
+    )
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        default="auto",
+        description="Trials at once. auto: as many as the cluster's CPUs and GPUs hold now (each "
+        "trial needs scaling.num_workers x scaling.resources_per_worker of the base config); on an "
+        "autoscaling cluster set a number, since it starts small.",
+    )
+    output: OutputConfig
+    storage_path: str | None = Field(
+        default=None,
+        description="Where Tune and Ray Train keep the sweep's state and checkpoints (s3:// on a "
+        "multi-node cluster). Default: <output.path>/_ray_tune.",
+    )
+
+    @field_validator("base_config")
+    @classmethod
+    def _base_exists(cls, value: str) -> str:
+        path = project_file(value)
+        if not path.is_file():
+            raise ValueError(f"no config file at {value!r}")
+        return str(path.resolve())
+
+    @field_validator("max_concurrent_trials")
+    @classmethod
+    def _positive(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("give a number >= 1 or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _space_fits_the_job(self) -> LoraSweepConfig:
+        if not self.search_space:
+            raise ValueError("search_space: give at least one key to sweep")
+        base = self.base_job()  # the base config itself must validate
+        for key, dist in self.search_space.items():
+            if key.startswith(FIXED_PREFIXES):
+                raise ValueError(
+                    f"search_space.{key}: data, output, checkpoint, scaling and Ray settings are "
+                    "the sweep's, shared by every trial; set them in base_config/base_overrides"
+                )
+            if key == ALPHA_OVER_R:
+                for v in dist.values_to_check():
+                    if not isinstance(v, (int, float)) or v <= 0:
+                        raise ValueError(f"search_space.{key}: {v!r} is not a positive number")
+                continue
+            for value in dist.values_to_check():
+                try:
+                    self.base_job([f"{key}={json.dumps(value)}"])
+                except ConfigError as exc:
+                    raise ValueError(f"search_space.{key}={value!r}: {exc}") from None
+        if base.method == "full" and any(k.startswith("lora.") for k in self.search_space):
+            raise ValueError(
+                "search_space: lora.* keys need a base config with method lora or qlora"
+            )
+        if self.job == "dpo" and base.algorithm != "dpo":
+            raise ValueError(
+                f"job: dpo needs a base config with algorithm dpo, not {base.algorithm}"
+            )
+        if not base.train.max_steps:
+            raise ValueError(
+                "base_config: set train.max_steps, the budget ASHA's rungs are cut from"
+            )
+        if base.checkpoint.every_steps > base.train.max_steps:
+            raise ValueError(
+                "base_config: checkpoint.every_steps is beyond train.max_steps, so a trial would "
+                "report once, at its end: nothing for a scheduler to compare early"
+            )
+        if not base.data.eval_fraction:
+            raise ValueError(
+                "base_config: data.eval_fraction is 0, so trials have no held-out metric to compare"
+            )
+        if self.search.algorithm == "grid" and any(
+            d.kind != "grid" for d in self.search_space.values()
+        ):
+            raise ValueError(
+                "search.algorithm: grid needs every search_space entry as {grid: [...]}"
+            )
+        if self.search.algorithm == "optuna" and any(
+            d.kind == "grid" for d in self.search_space.values()
+        ):
+            raise ValueError("search.algorithm: optuna samples; use choice instead of grid")
+        if self.scheduler.type == "pbt":
+            fixed = [k for k in self.search_space if k not in PBT_MUTABLE]
+            if fixed:
+                raise ValueError(
+                    f"scheduler.type: pbt continues a trial from another's checkpoint with new "
+                    f"values, so it can only vary {list(PBT_MUTABLE)}; {fixed} change the "
+                    "adapter's shape or what it was trained on: use asha"
+                )
+        return self
+
+    # -- the base job -------------------------------------------------------------------------
+
+    def base_job(self, extra: list[str] | None = None):
+        return load_config(
+            job_config_class(self.job), self.base_config, [*self.base_overrides, *(extra or [])]
+        )
+
+    @property
+    def objective(self) -> tuple[str, str]:
+        metric = self.metric or ("eval_loss" if self.job == "sft" else "heldout/reward_accuracy")
+        mode = self.mode or ("min" if "loss" in metric else "max")
+        return metric, mode
+
+
+def job_config_class(job: str):
+    if job == "sft":
+        from workloads.train.sft import SFTJobConfig
+
+        return SFTJobConfig
+    from workloads.train.preference.config import PreferenceJobConfig
+
+    return PreferenceJobConfig
+
+
+def trial_overrides(sampled: dict[str, Any], base_lora_r: int) -> list[str]:
+    """The sampled values as overrides of the base config (`lora.alpha_over_r` becomes lora.alpha)."""
+    out = [f"{k}={json.dumps(v)}" for k, v in sampled.items() if k != ALPHA_OVER_R]
+    if ALPHA_OVER_R in sampled:
+        r = sampled.get("lora.r", base_lora_r)
+        out.append(f"lora.alpha={json.dumps(float(r) * float(sampled[ALPHA_OVER_R]))}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial: Tune's function trainable, driving one Ray Train run
+
+
+def lora_trial(config: dict[str, Any]) -> None:
+    """Build the trial's job config (the base job's, validated on the driver, with the sampled
+    values applied), then run the job's recipe in a TorchTrainer whose reports reach Tune through
+    `TuneReportCallback`."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    tree = copy.deepcopy(config["base_job"])
+    for override in trial_overrides(config["sampled"], tree["lora"]["r"]):
+        apply_override(tree, override)
+    cfg = job_config_class(config["job"]).model_validate(tree)
+    loop, loop_config = _recipe(config["job"], cfg, config["data_uri"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = torch_trainer(
+        loop,
+        loop_config,
+        name=f"{config['name']}-{trial_id}",
+        scaling=cfg.scaling,
+        checkpointing=cfg.checkpoint,
+        storage=config["storage"],
+        callbacks=[TuneReportCallback()],
+        keep_best=tuple(config["objective"]),
+    )
+    trainer.fit()
+
+
+def _recipe(job: str, cfg, data_uri: str):
+    if job == "sft":
+        from workloads.train.sft import train_loop_per_worker
+
+        return train_loop_per_worker, {
+            "cfg": cfg.model_dump(mode="json"),
+            "tokenized": data_uri,
+            "has_eval": True,
+        }
+    from workloads.train.preference.recipes import TRAIN_LOOPS
+
+    return TRAIN_LOOPS[cfg.algorithm], {
+        "cfg": cfg.model_dump(mode="json"),
+        "pairs": data_uri,
+        "reference": None,
+        "reference_splits": [],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+def trial_resources(base) -> dict[str, float]:
+    per_worker = dict(base.scaling.resources_per_worker or {"CPU": 1})
+    if base.scaling.use_gpu:
+        per_worker.setdefault("GPU", 1)
+    return {k: v * base.scaling.num_workers for k, v in per_worker.items()}
+
+
+def concurrent_trials(cfg: LoraSweepConfig, base) -> int:
+    """`max_concurrent_trials`, with `auto` as many trials as the cluster's resources hold now."""
+    if cfg.max_concurrent_trials != "auto":
+        return cfg.max_concurrent_trials
+    import ray
+
+    have = ray.cluster_resources()
+    need = trial_resources(base)
+    fits = min(math.floor(have.get(k, 0) / v) for k, v in need.items() if v > 0)
+    if fits < 1:
+        raise JobFailed(
+            f"one trial needs {need} (scaling of base_config) and this Ray has "
+            f"{ {k: have.get(k, 0) for k in need} }: lower scaling.num_workers"
+        )
+    return fits
+
+
+def _scheduler(cfg: LoraSweepConfig, max_steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    metric, mode = cfg.objective
+    s = cfg.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(
+            time_attr="step",
+            metric=metric,
+            mode=mode,
+            max_t=max_steps,
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    if s.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr="step",
+            metric=metric,
+            mode=mode,
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations={"sampled": {k: d.to_tune() for k, d in cfg.search_space.items()}},
+            seed=cfg.search.seed,
+        )
+    return FIFOScheduler()
+
+
+def _search(cfg: LoraSweepConfig):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if cfg.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        metric, mode = cfg.objective
+        return OptunaSearch(metric=metric, mode=mode, seed=cfg.search.seed)
+    return BasicVariantGenerator(random_state=cfg.search.seed)
+
+
+def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_steps: int):
+    """Start the sweep, or continue it from its state in `storage` after an interruption."""
+    from ray import tune
+
+    base = cfg.base_job()
+    trainable = tune.with_resources(lora_trial, {"CPU": 0})  # its TorchTrainer asks for the rest
+    experiment = posixpath.join(storage, name)
+    if tune.Tuner.can_restore(experiment):
+        log.info("continuing the sweep in %s", experiment)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        metric, mode = cfg.objective
+        param_space = {
+            "sampled": {k: d.to_tune() for k, d in cfg.search_space.items()},
+            # The base job as validated here: trials on other nodes never read the YAML again.
+            "base_job": base.model_dump(mode="json"),
+            "job": cfg.job,
+            "objective": [metric, mode],
+            "data_uri": data_uri,
+            "storage": storage,
+            "name": name,
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=None if cfg.scheduler.type != "fifo" else metric,
+                mode=None if cfg.scheduler.type != "fifo" else mode,
+                scheduler=_scheduler(cfg, max_steps),
+                search_alg=_search(cfg),
+                num_samples=1 if cfg.search.algorithm == "grid" else cfg.search.num_samples,
+                max_concurrent_trials=concurrent_trials(cfg, base),
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=base.checkpoint.max_failures),
+                verbose=1,
+            ),
+        )
+    return tuner.fit()
+
+
+def trials_table(result_grid, cfg: LoraSweepConfig, max_steps: int) -> list[dict[str, Any]]:
+    """One row per trial: its sampled values, best metric and at which step, steps run, early stop."""
+    metric, mode = cfg.objective
+    rows = []
+    for result in result_grid:
+        df = result.metrics_dataframe
+        curve = []
+        if df is not None and metric in df and "step" in df:
+            curve = [
+                (int(s), float(v)) for s, v in zip(df["step"], df[metric], strict=True) if v == v
+            ]
+        best = (min if mode == "min" else max)(curve, key=lambda p: p[1]) if curve else None
+        steps = int(df["step"].max()) if df is not None and "step" in df else 0
+        rows.append(
+            {
+                "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+                "config": result.config["sampled"],
+                f"best_{metric}": best[1] if best else None,
+                "best_step": best[0] if best else None,
+                "steps_run": steps,
+                "stopped_early": result.error is None and steps < max_steps,
+                "error": str(result.error)[:300] if result.error else None,
+                "curve": curve,
+                "checkpoints": _checkpoints(df, metric),
+            }
+        )
+    return rows
+
+
+def _checkpoints(df, metric: str) -> list[tuple[str, float]]:
+    if df is None or "checkpoint_path" not in df or metric not in df:
+        return []
+    return [
+        (p, float(v))
+        for p, v in zip(df["checkpoint_path"], df[metric], strict=True)
+        if isinstance(p, str) and v == v
+    ]
+
+
+def write_trials(rows: list[dict], cfg: LoraSweepConfig, folder: str, fs) -> dict[str, str]:
+    metric, _ = cfg.objective
+    keys = list(cfg.search_space)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(
+        ["trial_id", *keys, f"best_{metric}", "best_step", "steps_run", "stopped_early", "error"]
+    )
+    for row in rows:
+        writer.writerow(
+            [row["trial_id"], *(json.dumps(row["config"].get(k)) for k in keys)]
+            + [row[f"best_{metric}"], row["best_step"], row["steps_run"], row["stopped_early"]]
+            + [row["error"] or ""]
+        )
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(posixpath.join(folder, "trials.csv")) as f:
+        f.write(text.getvalue().encode())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    for row in rows:
+        if row["curve"]:
+            label = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in row["config"].items())
+            style = "--" if row["stopped_early"] else "-"
+            ax.plot(*zip(*row["curve"], strict=True), style, marker="o", markersize=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial (dashed: stopped early by {cfg.scheduler.type})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    with fs.open_output_stream(posixpath.join(folder, "curves.png")) as f:
+        f.write(png.getvalue())
+    return {
+        "trials_csv": posixpath.join(folder, "trials.csv"),
+        "curves_png": posixpath.join(folder, "curves.png"),
+    }
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "+".join(str(v).removesuffix("_proj") for v in value)
+    return str(value)
+
+
+def best_trial(rows: list[dict], cfg: LoraSweepConfig) -> dict[str, Any]:
+    metric, mode = cfg.objective
+    scored = [r for r in rows if r[f"best_{metric}"] is not None]
+    if not scored:
+        raise JobFailed(f"no trial reported {metric}: see the trials' errors in trials/trials.csv")
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda r: r[f"best_{metric}"])
+
+
+def export_best(row: dict, cfg: LoraSweepConfig, folder: str, fs) -> dict[str, Any]:
+    """The best trial's best kept checkpoint, as the adapter folder vLLM loads."""
+    from ray.train import Checkpoint
+
+    _, mode = cfg.objective
+    kept = [(p, v) for p, v in row["checkpoints"] if _exists(p)]
+    if not kept:
+        raise JobFailed(f"trial {row['trial_id']}: none of its checkpoints is left in storage")
+    path, value = (min if mode == "min" else max)(kept, key=lambda pv: pv[1])
+    files = export_model(Checkpoint(path), folder, fs)
+    return {"checkpoint": path, "metric": value, "files": files}
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    from workloads.common.storage import resolve_filesystem
+
+    fs, p = resolve_filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def run(cfg: LoraSweepConfig) -> JobManifest:
+    manifest = JobManifest("tune_lora", cfg)
+    base = cfg.base_job()
+    files = list_input_files(base.data)
+    if cfg.job == "sft":
+        from workloads.train.sft import TOKENIZED_SCHEMA as schema
+        from workloads.train.sft import check_tokenizer
+        from workloads.train.sft import tokenize_stage as prepare
+
+        data_stage = "_stages/tokenized"
+    else:
+        from workloads.train.preference.job import PAIRS_SCHEMA as schema
+        from workloads.train.preference.job import check_tokenizer
+        from workloads.train.preference.job import prepare_stage as prepare
+
+        data_stage = "_stages/pairs"
+    check_tokenizer(base)
+    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
+    init_ray(cfg.ray, dashboard=True)
+    if on_fixed_size_ray(cfg.ray):
+        concurrent_trials(cfg, base)  # fails now if not even one trial fits
+
+    counts = out.run_stage(
+        data_stage, lambda folder: prepare(base, out, files, folder), manifest
+    ).info
+    manifest.read = counts["read"]
+    manifest.kept = counts["train"] + counts["eval"]
+    manifest.rejected = counts["rejected"]
+    if counts["train"] == 0:
+        raise JobFailed(f"no usable record among {counts['read']} read: see rejects/")
+    out.run_stage(
+        "rejects", lambda folder: write_rejects(out, folder, schema, data_stage), manifest
+    )
+
+    max_steps = base.train.max_steps
+    storage = storage_path(
+        cfg.storage_path or posixpath.join(cfg.output.path.rstrip("/"), "_ray_tune"),
+        cfg.output.path,
+    )
+    name = f"tune-lora-{cfg.fingerprint()}"
+
+    def sweep(folder: str) -> dict:
+        grid = run_sweep(cfg, out.uri_of(data_stage), storage, name, max_steps)
+        rows = trials_table(grid, cfg, max_steps)
+        outputs = write_trials(rows, cfg, folder, out.fs)
+        return {"rows": rows, "outputs": outputs, "experiment": posixpath.join(storage, name)}
+
+    swept = out.run_stage("trials", sweep, manifest).info
+    rows = swept["rows"]
+    best = best_trial(rows, cfg)
+    exported = out.run_stage(
+        "best", lambda folder: export_best(best, cfg, folder, out.fs), manifest
+    ).info
+    metric, mode = cfg.objective
+    steps_run = sum(r["steps_run"] for r in rows)
+    manifest.outputs.update(swept["outputs"])
+    manifest.outputs["best"] = out.path("best")
+    manifest.extra = {
+        "objective": {"metric": metric, "mode": mode},
+        "experiment": swept["experiment"],
+        "trials": [{k: v for k, v in r.items() if k not in ("curve", "checkpoints")} for r in rows],
+        "best": {
+            "trial_id": best["trial_id"],
+            "config": best["config"],
+            metric: best[f"best_{metric}"],
+            "checkpoint": exported["checkpoint"],
+            "adapter": out.path("best"),
+        },
+        "trial_steps_run": steps_run,
+        "trial_steps_budget": max_steps * len(rows),
+        "stopped_early": sum(r["stopped_early"] for r in rows),
+    }
+    print(
+        f"best trial {best['trial_id']}: {metric}={best[f'best_{metric}']:.4f} -> {out.path('best')}"
+    )
+    return finish_job(manifest, out, cfg.output.keep_intermediate)
