@@ -1,11 +1,17 @@
 """LoRA sweeps on a real local Ray: Ray Tune trials that each drive a Ray Train SFT run through
 TuneReportCallback, ASHA stopping trials early on eval loss, the best adapter exported, and an
-interrupted sweep continued with Tuner.restore."""
+interrupted sweep continued with Tuner.restore.
+
+Each sweep runs as the command a user types (`python ray_jobs/tune_lora.py`), in its own process
+with its own local Ray: Ray Train removes a finished trial's placement group through its
+PlacementGroupCleaner, which needs the dashboard's state API, and the shared test session runs
+without a dashboard."""
 
 from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -15,12 +21,14 @@ import pytest
 
 from tests.conftest import REPO
 from workloads.common.config import load_config
-from workloads.train.tune import LoraSweepConfig, run
+from workloads.train.tune import LoraSweepConfig
 
 pytestmark = pytest.mark.slow
 
 CONFIG = REPO / "ray_jobs" / "configs" / "tune_lora" / "sft-cpu.yaml"
-MAX_STEPS, SAMPLES = 12, 4
+MAX_STEPS = 12
+LEARNING_RATES = (3.0e-3, 1.0e-3, 1.0e-5, 3.0e-6)
+SAMPLES = len(LEARNING_RATES)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +40,11 @@ def instructions(tmp_path_factory) -> Path:
     return path
 
 
-def sweep_overrides(tiny_model: Path, data: Path, out: Path, samples: int = SAMPLES) -> list[str]:
+def sweep_overrides(
+    tiny_model: Path, data: Path, out: Path, learning_rates: tuple[float, ...] = LEARNING_RATES
+) -> list[str]:
+    """A grid over the learning rate, in this order: with 2 trials at a time, the two good rates set
+    ASHA's bar at each rung and the two low ones fall below it, deterministically."""
     return [
         "base_overrides="
         + json.dumps(
@@ -55,23 +67,46 @@ def sweep_overrides(tiny_model: Path, data: Path, out: Path, samples: int = SAMP
         ),
         "search_space="
         + json.dumps(
-            {
-                "lora.r": {"choice": [4, 16]},
-                "train.learning_rate": {"loguniform": [1.0e-4, 3.0e-3]},
-            }
+            {"lora.r": {"grid": [8]}, "train.learning_rate": {"grid": list(learning_rates)}}
         ),
+        "search.algorithm=grid",
         "scheduler.grace_period=3",
         "scheduler.reduction_factor=2",
-        f"search.num_samples={samples}",
         f"output.path={out}",
     ]
 
 
+def run_cli(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "ray_jobs" / "tune_lora.py"),
+            "--config",
+            str(CONFIG),
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        **kwargs,
+    )
+
+
+class Manifest:
+    def __init__(self, out: Path):
+        self.extra = json.loads((out / "_manifest.json").read_text())["extra"]
+
+
 @pytest.fixture(scope="module")
-def sweep(ray_session, tiny_model, instructions, tmp_path_factory):
+def sweep(tiny_model, instructions, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune") / "sweep"
-    cfg = load_config(LoraSweepConfig, CONFIG, sweep_overrides(tiny_model, instructions, out))
-    return cfg, out, run(cfg)
+    overrides = sweep_overrides(tiny_model, instructions, out)
+    load_config(LoraSweepConfig, CONFIG, overrides)  # the same overrides validate here
+    done = run_cli(overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"-> {out / 'best'}" in done.stdout  # the best adapter's path is printed
+    return overrides, out, Manifest(out)
 
 
 def test_every_trial_is_reported_and_asha_stops_some_early(sweep):
@@ -116,19 +151,15 @@ def test_the_best_trial_is_exported_as_an_adapter(sweep, tiny_model):
     assert not torch.allclose(tuned, base)
 
 
-def test_an_interrupted_sweep_continues_with_tuner_restore(
-    ray_session, tiny_model, instructions, tmp_path
-):
-    """Kill the sweep's driver once a trial has finished, then run the same command again: Tune
-    restores the experiment, keeps the finished trial and runs only what is left."""
-    import ray
-
+def test_an_interrupted_sweep_continues_with_tuner_restore(tiny_model, instructions, tmp_path):
+    """Interrupt the sweep's driver (SIGINT, as Ctrl-C or `ray job stop` do) once a trial has
+    finished, then run the same command again: Tune restores the experiment, keeps the finished
+    trial and runs only what is left."""
     out = tmp_path / "sweep"
     overrides = [
-        *sweep_overrides(tiny_model, instructions, out, samples=3),
+        *sweep_overrides(tiny_model, instructions, out, learning_rates=LEARNING_RATES[:3]),
         "max_concurrent_trials=1",
         "scheduler.type=fifo",
-        f"ray.address={ray.get_runtime_context().gcs_address}",
     ]
     driver = subprocess.Popen(
         [
@@ -144,21 +175,23 @@ def test_an_interrupted_sweep_continues_with_tuner_restore(
     )
     experiment = out / "_ray_tune"
     deadline = time.monotonic() + 600
-    finished = []
+    finished: list[str] = []
     while time.monotonic() < deadline and driver.poll() is None:
         finished = _finished_trials(experiment)
         if finished:
             break
         time.sleep(1)
-    driver.kill()
-    driver.wait()
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=120)
     assert finished, "no trial finished before the deadline"
+    assert len(_finished_trials(experiment)) < 3, "the sweep ended before the interruption"
 
-    cfg = load_config(LoraSweepConfig, CONFIG, overrides[:-1])
-    manifest = run(cfg)
-    trials = {t["trial_id"]: t for t in manifest.extra["trials"]}
+    done = run_cli(overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "continuing the sweep" in done.stdout + done.stderr
+    trials = {t["trial_id"]: t for t in Manifest(out).extra["trials"]}
     assert len(trials) == 3 and all(t["steps_run"] == MAX_STEPS for t in trials.values())
-    assert set(finished) <= set(trials)  # the trial finished before the kill is the same trial
+    assert set(finished) <= set(trials)  # the trial finished before the interruption is kept
 
 
 def _finished_trials(experiment: Path) -> list[str]:

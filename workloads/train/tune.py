@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 from typing import Any, Literal
 
@@ -298,6 +299,13 @@ class LoraSweepConfig(JobConfig):
             job_config_class(self.job), self.base_config, [*self.base_overrides, *(extra or [])]
         )
 
+    def expected_trials(self) -> int:
+        """Trials the search makes: num_samples per combination of the grid entries."""
+        grids = [d.size() for d in self.search_space.values() if d.kind == "grid"]
+        return math.prod(grids) * (
+            1 if self.search.algorithm == "grid" else self.search.num_samples
+        )
+
     @property
     def objective(self) -> tuple[str, str]:
         metric = self.metric or ("eval_loss" if self.job == "sft" else "heldout/reward_accuracy")
@@ -427,15 +435,20 @@ def _scheduler(cfg: LoraSweepConfig, max_steps: int):
     return FIFOScheduler()
 
 
-def _search(cfg: LoraSweepConfig):
+def _search(cfg: LoraSweepConfig, concurrent: int):
+    """The search algorithm, holding at most `concurrent` trials at once. (Tune applies
+    `TuneConfig.max_concurrent_trials` only to a search algorithm it builds itself or to a
+    `Searcher`; the variant generator given here must carry the limit.)"""
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if cfg.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         metric, mode = cfg.objective
-        return OptunaSearch(metric=metric, mode=mode, seed=cfg.search.seed)
-    return BasicVariantGenerator(random_state=cfg.search.seed)
+        searcher = OptunaSearch(metric=metric, mode=mode, seed=cfg.search.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=concurrent)
+    return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent)
 
 
 def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_steps: int):
@@ -443,10 +456,13 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
     from ray import tune
 
     base = cfg.base_job()
-    trainable = tune.with_resources(lora_trial, {"CPU": 0})  # its TorchTrainer asks for the rest
+    # A trial's own process only waits on its TorchTrainer, whose workers ask for the CPUs and
+    # GPUs. Tune refuses an empty request, so it holds a token MiB of Ray's logical memory: a CPU
+    # held per trial would leave the last trial's workers waiting for one that never frees.
+    trainable = tune.with_resources(lora_trial, {"CPU": 0, "memory": 2**20})
     experiment = posixpath.join(storage, name)
     if tune.Tuner.can_restore(experiment):
-        log.info("continuing the sweep in %s", experiment)
+        print(f"continuing the sweep in {experiment}", flush=True)
         tuner = tune.Tuner.restore(
             experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
@@ -465,13 +481,12 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
+            # No metric here: the scheduler and searcher carry it, and a TuneConfig metric would
+            # make Tune refuse the last report of a trial (peak memory only) for lacking it.
             tune_config=tune.TuneConfig(
-                metric=None if cfg.scheduler.type != "fifo" else metric,
-                mode=None if cfg.scheduler.type != "fifo" else mode,
                 scheduler=_scheduler(cfg, max_steps),
-                search_alg=_search(cfg),
+                search_alg=_search(cfg, concurrent_trials(cfg, base)),
                 num_samples=1 if cfg.search.algorithm == "grid" else cfg.search.num_samples,
-                max_concurrent_trials=concurrent_trials(cfg, base),
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -480,7 +495,19 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
                 verbose=1,
             ),
         )
-    return tuner.fit()
+    # On SIGINT (Ctrl-C, `ray job stop`) Tune would stop "gracefully" and return the trials it has
+    # as if the sweep were done. Let the interrupt raise instead, so the job fails and is not
+    # recorded as finished; Tune saves the experiment's state as it goes, and the same command
+    # continues it (Tuner.restore, above).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    grid = tuner.fit()
+    expected = cfg.expected_trials()
+    if len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid):
+        raise JobFailed(
+            f"the sweep stopped with {grid.num_terminated + grid.num_errors} of {expected} trials "
+            "finished: run the same command again to continue it"
+        )
+    return grid
 
 
 def trials_table(result_grid, cfg: LoraSweepConfig, max_steps: int) -> list[dict[str, Any]]:
