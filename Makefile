@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train
+.PHONY: setup demo tune-demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train bench-tune
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -76,6 +76,15 @@ demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json data/inst
 	# records planted and rejected): held-out reward accuracy before and after.
 	$(PY) ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-lora-cpu.yaml ray.data_progress_bars=false
 	$(PY) -c "import json; e = json.load(open('outputs/dpo/_manifest.json'))['extra']; b, a = e['heldout_before'], e['heldout_after']; print('dpo held-out reward accuracy', b['heldout/reward_accuracy'], '->', round(a['heldout/reward_accuracy'], 3), '| margin', round(a['heldout/reward_margin'], 3), '| KL/token', round(a['heldout/kl'], 3), '| curves in outputs/dpo/training')"
+	$(if $(filter 1,$(TUNE)),$(MAKE) tune-demo)
+
+# The optional sweep of the demo (make demo TUNE=1, or make tune-demo after make demo): Ray Tune
+# over LoRA rank, alpha, dropout, target modules, learning rate and warmup, 6 trials of the SFT
+# above, 2 at a time, ASHA stopping the worst on eval loss. About 3 minutes on 2 cores.
+tune-demo: setup data/instructions.jsonl
+	@test -f outputs/pretrain/model/config.json || { echo "tune-demo sweeps SFT of the demo's pretrained model: run make demo first"; exit 1; }
+	$(PY) ray_jobs/tune_lora.py --config ray_jobs/configs/tune_lora/sft-cpu.yaml
+	$(PY) -c "import json; e = json.load(open('outputs/tune_lora/_manifest.json'))['extra']; b = e['best']; print('sweep: best', b['config'], 'eval loss', round(b['eval_loss'], 4), '|', e['stopped_early'], 'of', len(e['trials']), 'trials stopped early,', e['trial_steps_run'], 'of', e['trial_steps_budget'], 'trial-steps run | adapter in', b['adapter'], '| table in outputs/tune_lora/trials')"
 
 bench-dedup: setup
 	$(PY) bench/dedup_bench.py
@@ -87,6 +96,9 @@ bench-filters: setup
 bench-train: setup
 	$(PY) bench/sft_bench.py
 	$(PY) bench/preference_bench.py
+
+bench-tune: setup
+	$(PY) bench/tune_bench.py
 
 bench-embed: setup
 	$(PY) bench/embed_bench.py

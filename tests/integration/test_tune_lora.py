@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -76,13 +77,13 @@ def sweep_overrides(
     ]
 
 
-def run_cli(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
+def run_cli(overrides: list[str], config: Path = CONFIG, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             sys.executable,
             str(REPO / "ray_jobs" / "tune_lora.py"),
             "--config",
-            str(CONFIG),
+            str(config),
             *overrides,
         ],
         cwd=REPO,
@@ -202,3 +203,113 @@ def _finished_trials(experiment: Path) -> list[str]:
         if any(r.get("step") == MAX_STEPS for r in lines):
             done.append(lines[-1]["trial_id"])
     return done
+
+
+def test_pbt_continues_the_worst_trial_from_the_best_ones_checkpoint(
+    tiny_model, instructions, tmp_path
+):
+    """PBT on two trials: at each perturbation the worse one is restarted from the better one's
+    latest Ray Train checkpoint with a perturbed learning rate, and carries on from that step."""
+    out = tmp_path / "sweep"
+    overrides = [
+        *sweep_overrides(tiny_model, instructions, out, learning_rates=(3.0e-3, 1.0e-5)),
+        "search_space=" + json.dumps({"train.learning_rate": {"grid": [3.0e-3, 1.0e-5]}}),
+        "search.algorithm=random",
+        "search.num_samples=1",
+        "scheduler.type=pbt",
+        "scheduler.perturbation_interval=3",
+        "scheduler.quantile_fraction=0.5",
+        "max_concurrent_trials=2",
+    ]
+    done = run_cli(overrides)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = Manifest(out).extra["trials"]
+    assert len(trials) == 2 and all(t["error"] is None for t in trials)
+    assert all(t["steps_run"] == MAX_STEPS for t in trials)  # PBT stops nothing
+
+    # The exploited trial's new Ray Train run, seeded from the other trial's checkpoint.
+    storage = out / "_ray_tune"
+    seeded = sorted(storage.glob("tune-lora-*-from-*"))
+    assert seeded, f"no trial was continued from another's checkpoint: {sorted(storage.iterdir())}"
+    donors = re.findall(r"continuing from (\S+) with", done.stdout)
+    assert len(donors) == len(seeded)
+    for donor in donors:
+        # The seeded run's history starts with the donor's: its weights, optimizer and step.
+        donor_history = _history(Path(donor))
+        run = next(
+            r
+            for r in seeded
+            if _first_checkpoint(r) is not None
+            and _history(_first_checkpoint(r))[: len(donor_history)] == donor_history
+        )
+        assert _history(_first_checkpoint(run))[-1]["step"] > donor_history[-1]["step"]
+
+    # Every report's learning rate is its trial's current rate on the shared schedule: after an
+    # exploit the trial trains at its new rate, not at the donor's.
+    factors: dict[int, list[float]] = {}
+    for result in storage.glob("tune-lora-*/*/result.json"):
+        for line in result.read_text().splitlines():
+            row = json.loads(line)
+            if "learning_rate" in row:
+                rate = float(row["config"]["sampled"]["train.learning_rate"])
+                factors.setdefault(row["step"], []).append(row["learning_rate"] / rate)
+    assert len(factors) == MAX_STEPS // 3
+    for step, values in factors.items():
+        assert max(values) == pytest.approx(min(values), rel=1e-5), (step, values)
+
+
+def _first_checkpoint(run: Path) -> Path | None:
+    """The earliest checkpoint_* a Ray Train run wrote (their names sort by time)."""
+    found = sorted(run.glob("checkpoint_*"))
+    return found[0] if found else None
+
+
+def _history(checkpoint: Path) -> list[dict]:
+    """The Trainer's log history saved in a Ray Train checkpoint."""
+    state = json.loads((checkpoint / "checkpoint" / "trainer_state.json").read_text())
+    return state["log_history"]
+
+
+def test_a_dpo_sweep_with_optuna_maximises_held_out_reward_accuracy(tiny_model, tmp_path):
+    """Trials that each run the DPO job, proposed by Optuna's TPE sampler, ranked by the held-out
+    reward accuracy the preference recipe reports."""
+    from workloads.train.preference.job import make_pairs
+
+    data = tmp_path / "preferences.jsonl"
+    make_pairs(data, limit=120)
+    out = tmp_path / "sweep"
+    config = REPO / "ray_jobs" / "configs" / "tune_lora" / "dpo-cpu.yaml"
+    base = [
+        f"model.name_or_path={tiny_model}",
+        f"data.path={data}",
+        "data.eval_fraction=0.2",
+        "train.max_steps=6",
+        "train.eval_steps=3",
+        "checkpoint.every_steps=3",
+        "checkpoint.num_to_keep=1",
+        "checkpoint.max_failures=0",
+        "deepspeed.config=null",
+        "scaling.num_workers=1",
+    ]
+    overrides = [
+        "base_overrides=" + json.dumps(base),
+        "search.num_samples=2",
+        "scheduler.type=fifo",
+        "max_concurrent_trials=2",
+        f"output.path={out}",
+    ]
+    done = run_cli(overrides, config=config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = Manifest(out)
+    assert manifest.extra["objective"] == {"metric": "heldout/reward_accuracy", "mode": "max"}
+    trials = manifest.extra["trials"]
+    assert len(trials) == 2 and all(t["error"] is None for t in trials)
+    assert trials[0]["config"] != trials[1]["config"]
+    accuracy = [t["best_heldout/reward_accuracy"] for t in trials]
+    assert all(0.0 <= a <= 1.0 for a in accuracy)
+    best = manifest.extra["best"]
+    assert best["heldout/reward_accuracy"] == max(accuracy)
+    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert adapter["r"] == best["config"]["lora.r"]
+    # Tune kept Optuna's state with the experiment (a restored sweep goes on with the same study).
+    assert list((out / "_ray_tune").glob("tune-lora-*/searcher-state-*.pkl"))

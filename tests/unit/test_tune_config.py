@@ -29,6 +29,23 @@ def _space(space: dict) -> str:
         ([_space({"train.learning_rate": {"uniform": [1e-3, 1e-4]}})], "lo < hi"),
         ([_space({"lora.alpha_over_r": {"choice": [-1]}})], "lora.alpha_over_r"),
         (["scheduler.type=pbt"], "scheduler.type: pbt"),  # the CPU space sweeps lora.r
+        (
+            [
+                "scheduler.type=pbt",
+                "search.algorithm=optuna",
+                _space({"lora.dropout": {"uniform": [0, 0.1]}}),
+            ],
+            "search.algorithm: optuna",
+        ),
+        (
+            # checkpoints every 5 steps in the CPU config
+            [
+                "scheduler.type=pbt",
+                "scheduler.perturbation_interval=7",
+                _space({"lora.dropout": {"uniform": [0, 0.1]}}),
+            ],
+            "scheduler.perturbation_interval",
+        ),
         (["search.algorithm=grid"], "search.algorithm: grid"),
         (["base_overrides=[train.max_steps=3]"], "checkpoint.every_steps"),
         (["base_overrides=[data.eval_fraction=0]"], "data.eval_fraction"),
@@ -71,3 +88,14 @@ def test_distribution_sizes():
     assert Distribution(choice=[1, 2, 3]).size() == 3
     assert Distribution(randint=(2, 5)).size() == 3
     assert Distribution(loguniform=(1e-4, 1e-3)).size() is None
+
+
+def test_discrete_values_take_the_job_configs_types():
+    # YAML reads 1e-5 (no dot) as a string; the sweep hands trials the float the job reads.
+    space = {
+        "train.learning_rate": {"grid": ["1e-5", 3.0e-3]},
+        "lora.target_modules": {"choice": ["all-linear", ["q_proj", "v_proj"]]},
+    }
+    cfg = load_config(LoraSweepConfig, CPU_SWEEP, [_space(space)])
+    assert cfg.search_space["train.learning_rate"].grid == [1.0e-5, 3.0e-3]
+    assert cfg.search_space["lora.target_modules"].choice == ["all-linear", ["q_proj", "v_proj"]]

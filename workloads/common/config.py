@@ -176,7 +176,7 @@ def format_validation_error(model: type[BaseModel], exc: ValidationError, source
                     msg += f"; did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))!r}?"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        else:
+        elif loc:  # a rule over the whole config would echo all of it
             msg += f" (got {err.get('input')!r})"
         lines.append(f"  - {key}: {msg}")
     return "\n".join(lines)

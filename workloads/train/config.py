@@ -252,7 +252,8 @@ class CheckpointingConfig(StrictModel):
     resume_from: str | None = Field(
         default=None,
         description="A Ray Train checkpoint folder or URI (one `checkpoint_*` of an earlier run) to "
-        "continue from: weights, optimizer, scheduler and the step counter.",
+        "continue from: weights, optimizer, scheduler and the step counter, at this config's "
+        "train.learning_rate (a tuning sweep's PBT seeds trials this way).",
     )
 
     @field_validator("resume_from")

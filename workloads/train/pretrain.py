@@ -69,12 +69,14 @@ from workloads.train.ray_train import (
     history_summary,
     load_causal_lm,
     local_checkpoints,
+    make_schedule_callback,
     make_throughput_callback,
     parameter_count,
     prepare_worker,
     read_tokenized_split,
     resolve_precision,
     run_name,
+    run_training,
     storage_path,
     torch_trainer,
     training_arguments,
@@ -318,14 +320,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[make_throughput_callback(), RayTrainReportCallback()],
+        callbacks=[make_throughput_callback(), make_schedule_callback(), RayTrainReportCallback()],
     )
     trainer = prepare_trainer(trainer)
 
     # 5. Resume and train.
     resume = checkpoint_to_resume(cfg.checkpoint.resume_from)
     with local_checkpoints(args.output_dir, resume):
-        trainer.train(resume_from_checkpoint=resume)
+        run_training(trainer, resume)
 
     peaks = gather_peak_memory()
     ray.train.report({f"peak_memory_mb_rank{r}": v for r, v in enumerate(peaks)})

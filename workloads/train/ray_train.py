@@ -112,6 +112,7 @@ def torch_trainer(
     datasets: dict[str, Any] | None = None,
     callbacks: list | None = None,
     keep_best: tuple[str, str] | None = None,
+    keep_all: bool = False,
 ):
     """A TorchTrainer whose run is named `name` under `storage`.
 
@@ -119,7 +120,8 @@ def torch_trainer(
     from its latest checkpoint (Ray Train v2 restores the run's checkpoint manager), so a job that
     `ray job submit` or a RayJob retries picks up where it died. `callbacks` are Ray Train
     callbacks (a tuning sweep passes Tune's `TuneReportCallback`); `keep_best` = (metric, "min" or
-    "max") keeps the best `checkpoint.num_to_keep` checkpoints by that metric, not the latest."""
+    "max") keeps the best `checkpoint.num_to_keep` checkpoints by that metric, not the latest;
+    `keep_all` keeps every checkpoint (a PBT sweep may seed another trial from any of them)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -136,7 +138,7 @@ def torch_trainer(
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=checkpointing.num_to_keep,
+                num_to_keep=None if keep_all else checkpointing.num_to_keep,
                 checkpoint_score_attribute=keep_best[0] if keep_best else None,
                 checkpoint_score_order=keep_best[1] if keep_best else "max",
             ),
@@ -524,6 +526,29 @@ def checkpoint_to_resume(resume_from: str | None) -> str | None:
     return path
 
 
+def run_training(trainer, resume: str | None) -> None:
+    """`trainer.train(resume_from_checkpoint=resume)`, except when `resume` is already at
+    `max_steps`: then the checkpoint's state is loaded and nothing trains.
+
+    A run restarted after its last checkpoint (a worker lost while gathering the final metrics, a
+    tuning trial paused by its scheduler at the end) resumes at max_steps; the Trainer (5.19),
+    when that step falls mid-epoch, skips the epoch's trained batches and runs one more step
+    before it checks the limit, so the run would end at max_steps + 1 with a new checkpoint."""
+    from transformers import TrainerState
+
+    step = checkpoint_step(resume)
+    if step is not None and 0 < trainer.args.max_steps <= step:
+        log.info(
+            "checkpoint %s is at step %d of %d: nothing left to train",
+            resume,
+            step,
+            trainer.args.max_steps,
+        )
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        return
+    trainer.train(resume_from_checkpoint=resume)
+
+
 def checkpoint_step(hf_checkpoint: str | None) -> int | None:
     """The optimizer step a Hugging Face checkpoint folder was saved at (None: no checkpoint)."""
     if hf_checkpoint is None:
@@ -613,6 +638,41 @@ def make_throughput_callback():
                 logs.update(extra)
 
     return ThroughputCallback()
+
+
+def make_schedule_callback():
+    """A TrainerCallback that, when training resumes from a checkpoint, puts this run's learning
+    rate back in place of the checkpoint's.
+
+    The Trainer restores the optimizer and the LR scheduler from the checkpoint, their peak
+    learning rate included, so a run seeded from another's checkpoint with a different
+    `train.learning_rate` (PBT's exploit step, or continuing a run at a lower rate) would silently
+    train at the old one. The weights, the optimizer's moments and the step still come from the
+    checkpoint, and the warmup and decay shape is this run's (the scheduler's lambdas are rebuilt
+    from its arguments). Resuming a run with unchanged arguments computes the same values again."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import TrainerCallback
+
+    class ScheduleCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            if state.global_step == 0 or optimizer is None or lr_scheduler is None:
+                return
+            scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # Accelerate's wrapper
+            if not isinstance(scheduler, LambdaLR):
+                if any(lr != args.learning_rate for lr in getattr(scheduler, "base_lrs", [])):
+                    log.warning(
+                        "resumed with a %s scheduler, which keeps the checkpoint's learning rate",
+                        type(scheduler).__name__,
+                    )
+                return
+            groups = optimizer.param_groups
+            scheduler.base_lrs = [args.learning_rate] * len(groups)
+            for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"] = args.learning_rate
+                group["lr"] = args.learning_rate * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]
+
+    return ScheduleCallback()
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:

@@ -76,6 +76,7 @@ from workloads.train.ray_train import (
     load_causal_lm,
     local_checkpoints,
     lora_config,
+    make_schedule_callback,
     make_throughput_callback,
     merge_adapter,
     parameter_count,
@@ -83,6 +84,7 @@ from workloads.train.ray_train import (
     read_tokenized_split,
     resolve_precision,
     run_name,
+    run_training,
     storage_path,
     torch_trainer,
     training_arguments,
@@ -300,7 +302,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[make_throughput_callback(), RayTrainReportCallback()],
+        callbacks=[make_throughput_callback(), make_schedule_callback(), RayTrainReportCallback()],
     )
     trainer = prepare_trainer(trainer)
 
@@ -308,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     resume = checkpoint_to_resume(cfg.checkpoint.resume_from)
     resumed_from_step = checkpoint_step(resume)
     with local_checkpoints(args.output_dir, resume):
-        trainer.train(resume_from_checkpoint=resume)
+        run_training(trainer, resume)
 
     # 6. Peak memory of every worker, into Ray Train's metrics (every rank reports).
     peaks = gather_peak_memory()

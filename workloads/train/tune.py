@@ -19,7 +19,9 @@ Every key is checked against the job's own config before Ray starts (a misspelt 
 it). The data stage runs once on the driver (`_stages/tokenized` or `_stages/pairs`) and every
 trial trains on it. A trial is Tune's function trainable that builds the job's `TorchTrainer` with
 Tune's `TuneReportCallback`: each checkpoint's report (eval loss, or the held-out DPO metrics) reaches
-Tune, so ASHA compares trials at the same step and stops the worst. Trials run
+Tune, so ASHA compares trials at the same step and stops the worst. PBT (`scheduler.type: pbt`)
+restarts the worst trials from the best ones' latest Ray Train checkpoints with perturbed values
+(`TrainCheckpointPBT`). Trials come from Tune's variant generator or Optuna, and run
 `max_concurrent_trials` at a time, by default as many as the cluster's CPUs and GPUs hold.
 
 Outputs:
@@ -35,15 +37,19 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
 import os
 import posixpath
+import random
+import urllib.parse
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from ray.tune.schedulers import PopulationBasedTraining
 
 from workloads.common.config import (
     ConfigError,
@@ -66,9 +72,10 @@ ALPHA_OVER_R = "lora.alpha_over_r"
 # Keys a sweep may not vary: the data stage is shared by every trial, and where a trial's output
 # and checkpoints go is the sweep's business.
 FIXED_PREFIXES = ("data.", "output.", "storage_path", "ray.", "checkpoint.", "scaling.")
-# Keys that change a model's shape or the data a checkpoint was trained on: PBT copies one trial's
-# checkpoint into another and carries on with new values, so only these can change mid-run.
-PBT_MUTABLE = ("train.learning_rate", "train.warmup_ratio", "train.weight_decay", "lora.dropout")
+# What PBT may change mid-run. It continues a trial from another's checkpoint with new values, so
+# nothing that changes the adapter's shape or what it was trained on; the learning rate and warmup
+# take effect on resume (ray_train.make_schedule_callback), dropout when the model is rebuilt.
+PBT_MUTABLE = ("train.learning_rate", "train.warmup_ratio", "lora.dropout")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +124,12 @@ class Distribution(StrictModel):
         value = getattr(self, self.kind)
         return list(value)
 
+    def to_mutation(self):
+        """PBT's resampling distribution for this key (a list for discrete values)."""
+        if self.kind in ("choice", "grid"):
+            return list(getattr(self, self.kind))
+        return self.to_tune()
+
     def to_tune(self):
         from ray import tune
 
@@ -159,7 +172,16 @@ class SchedulerConfig(StrictModel):
         "2 suits sweeps of under 10 trials).",
     )
     perturbation_interval: int = Field(
-        default=20, ge=1, description="PBT: steps between exploit/explore decisions."
+        default=20,
+        ge=1,
+        description="PBT: steps between exploit/explore decisions; a multiple of the base "
+        "config's checkpoint.every_steps, since a trial continues from another's checkpoint.",
+    )
+    quantile_fraction: float = Field(
+        default=0.25,
+        gt=0,
+        le=0.5,
+        description="PBT: the bottom fraction of trials that copy one of the top fraction.",
     )
 
 
@@ -246,11 +268,20 @@ class LoraSweepConfig(JobConfig):
                     if not isinstance(v, (int, float)) or v <= 0:
                         raise ValueError(f"search_space.{key}: {v!r} is not a positive number")
                 continue
+            typed = []
             for value in dist.values_to_check():
                 try:
-                    self.base_job([f"{key}={json.dumps(value)}"])
+                    job = self.base_job([f"{key}={json.dumps(value)}"])
                 except ConfigError as exc:
-                    raise ValueError(f"search_space.{key}={value!r}: {exc}") from None
+                    errors = [line.strip(" -") for line in str(exc).splitlines()[1:]]
+                    raise ValueError(
+                        f"search_space.{key}={value!r}: the {self.job} config refuses it: "
+                        + ("; ".join(errors) or str(exc))
+                    ) from None
+                typed.append(_dotted_get(job.model_dump(mode="json"), key))
+            if dist.kind in ("choice", "grid"):
+                # As the job reads them: YAML reads `1e-5` (no dot) as a string, the job a float.
+                setattr(dist, dist.kind, typed)
         if base.method == "full" and any(k.startswith("lora.") for k in self.search_space):
             raise ValueError(
                 "search_space: lora.* keys need a base config with method lora or qlora"
@@ -290,6 +321,18 @@ class LoraSweepConfig(JobConfig):
                     f"values, so it can only vary {list(PBT_MUTABLE)}; {fixed} change the "
                     "adapter's shape or what it was trained on: use asha"
                 )
+            if self.search.algorithm == "optuna":
+                raise ValueError(
+                    "search.algorithm: optuna cannot follow PBT, which changes a trial's values "
+                    "mid-run; use random"
+                )
+            if self.scheduler.perturbation_interval % base.checkpoint.every_steps:
+                raise ValueError(
+                    f"scheduler.perturbation_interval: {self.scheduler.perturbation_interval} is "
+                    f"not a multiple of the base config's checkpoint.every_steps "
+                    f"({base.checkpoint.every_steps}), so a trial would continue from a "
+                    "checkpoint older than the score PBT chose it by"
+                )
         return self
 
     # -- the base job -------------------------------------------------------------------------
@@ -311,6 +354,12 @@ class LoraSweepConfig(JobConfig):
         metric = self.metric or ("eval_loss" if self.job == "sft" else "heldout/reward_accuracy")
         mode = self.mode or ("min" if "loss" in metric else "max")
         return metric, mode
+
+
+def _dotted_get(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
 
 
 def job_config_class(job: str):
@@ -339,27 +388,62 @@ def trial_overrides(sampled: dict[str, Any], base_lora_r: int) -> list[str]:
 def lora_trial(config: dict[str, Any]) -> None:
     """Build the trial's job config (the base job's, validated on the driver, with the sampled
     values applied), then run the job's recipe in a TorchTrainer whose reports reach Tune through
-    `TuneReportCallback`."""
+    `TuneReportCallback`.
+
+    The Ray Train run is named after the trial, so a trial that Tune restarts (a failure, or
+    `Tuner.restore` of an interrupted sweep) continues its own run from its latest checkpoint.
+    When PBT has handed this trial another trial's checkpoint (Tune's checkpoint of the trial,
+    see `TrainCheckpointPBT`), it starts a new run seeded from that checkpoint instead."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     tree = copy.deepcopy(config["base_job"])
     for override in trial_overrides(config["sampled"], tree["lora"]["r"]):
         apply_override(tree, override)
+    name = f"{config['name']}-{ray.tune.get_context().get_trial_id()}"
+    seed = ray.tune.get_checkpoint()
+    if seed is not None:
+        uri = checkpoint_uri(seed.path, config["storage"])
+        tree["checkpoint"]["resume_from"] = uri
+        name += "-from-" + hashlib.sha256(uri.encode()).hexdigest()[:8]
+        print(f"trial {name}: continuing from {uri} with {config['sampled']}", flush=True)
     cfg = job_config_class(config["job"]).model_validate(tree)
     loop, loop_config = _recipe(config["job"], cfg, config["data_uri"])
-    trial_id = ray.tune.get_context().get_trial_id()
     trainer = torch_trainer(
         loop,
         loop_config,
-        name=f"{config['name']}-{trial_id}",
+        name=name,
         scaling=cfg.scaling,
         checkpointing=cfg.checkpoint,
         storage=config["storage"],
-        callbacks=[TuneReportCallback()],
+        callbacks=[objective_report_callback(config["objective"][0])],
         keep_best=tuple(config["objective"]),
+        # Under PBT another trial may start from any of this one's checkpoints: keep them all.
+        keep_all=config["keep_all_checkpoints"],
     )
     trainer.fit()
+
+
+def objective_report_callback(metric: str):
+    """Tune's `TuneReportCallback`, forwarding the reports that carry the sweep's metric. The
+    recipe's last report (every worker's peak memory, kept in the Ray Train run) has none, and
+    Tune fails a trial whose result lacks the metric its scheduler or searcher ranks by."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveReportCallback()
+
+
+def checkpoint_uri(path: str, storage: str) -> str:
+    """A checkpoint path as Ray Train reports it (within the storage's filesystem: `bucket/key` on
+    S3) as a URI that names that filesystem again."""
+    scheme = urllib.parse.urlparse(storage).scheme
+    if scheme and scheme != "file" and "://" not in path:
+        return f"{scheme}://{path}"
+    return path
 
 
 def _recipe(job: str, cfg, data_uri: str):
@@ -409,8 +493,8 @@ def concurrent_trials(cfg: LoraSweepConfig, base) -> int:
     return fits
 
 
-def _scheduler(cfg: LoraSweepConfig, max_steps: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+def _scheduler(cfg: LoraSweepConfig, max_steps: int, storage: str):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     metric, mode = cfg.objective
     s = cfg.scheduler
@@ -424,15 +508,56 @@ def _scheduler(cfg: LoraSweepConfig, max_steps: int):
             reduction_factor=s.reduction_factor,
         )
     if s.type == "pbt":
-        return PopulationBasedTraining(
+        return TrainCheckpointPBT(
+            storage=storage,
             time_attr="step",
             metric=metric,
             mode=mode,
             perturbation_interval=s.perturbation_interval,
-            hyperparam_mutations={"sampled": {k: d.to_tune() for k, d in cfg.search_space.items()}},
-            seed=cfg.search.seed,
+            quantile_fraction=s.quantile_fraction,
+            hyperparam_mutations={
+                "sampled": {k: d.to_mutation() for k, d in cfg.search_space.items()}
+            },
         )
     return FIFOScheduler()
+
+
+class TrainCheckpointPBT(PopulationBasedTraining):
+    """Tune's PBT, handing trials the checkpoints their Ray Train runs wrote.
+
+    PBT copies a top trial's latest Tune checkpoint into a bottom one. A trial that drives Ray
+    Train through `TuneReportCallback` never has one: the callback reports each Ray Train
+    checkpoint's path as a metric and leaves the files where Ray Train wrote them. So this PBT
+    takes, as a trial's checkpoint, the latest Ray Train checkpoint it reported; an exploited
+    trial finds it as `ray.tune.get_checkpoint()` and seeds a new Ray Train run from it
+    (`lora_trial`). Everything else, the quantiles, the resampling and the restarts, is Tune's."""
+
+    def __init__(self, *, storage: str, **kwargs):
+        super().__init__(**kwargs)
+        self._storage = storage
+        self._train_checkpoints: dict[Any, str] = {}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("checkpoint_path"):
+            self._train_checkpoints[trial] = checkpoint_uri(
+                result["checkpoint_path"], self._storage
+            )
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
+        from ray.train import Checkpoint
+
+        state = self._trial_state[trial]
+        path = self._train_checkpoints.get(trial) if trial in upper_quantile else None
+        state.last_checkpoint = Checkpoint(path) if path else None
+        if path:
+            self._num_checkpoints += 1
+        if trial in lower_quantile:
+            donor = random.choice(upper_quantile)
+            if self._trial_state[donor].last_checkpoint is None:
+                log.info("PBT: trial %s has no checkpoint yet; %s carries on", donor, trial)
+                return
+            self._exploit(tune_controller, trial, donor)
 
 
 def _search(cfg: LoraSweepConfig, concurrent: int):
@@ -477,16 +602,19 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
             "data_uri": data_uri,
             "storage": storage,
             "name": name,
+            "keep_all_checkpoints": cfg.scheduler.type == "pbt",
         }
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            # No metric here: the scheduler and searcher carry it, and a TuneConfig metric would
-            # make Tune refuse the last report of a trial (peak memory only) for lacking it.
+            # No metric here: the scheduler and searcher carry it.
             tune_config=tune.TuneConfig(
-                scheduler=_scheduler(cfg, max_steps),
+                scheduler=_scheduler(cfg, max_steps, storage),
                 search_alg=_search(cfg, concurrent_trials(cfg, base)),
                 num_samples=1 if cfg.search.algorithm == "grid" else cfg.search.num_samples,
+                # Tune names a trial's folder after its config, the whole base job included when
+                # a searcher proposes it: the trial id is enough (trials.csv has the values).
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -510,7 +638,9 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
     return grid
 
 
-def trials_table(result_grid, cfg: LoraSweepConfig, max_steps: int) -> list[dict[str, Any]]:
+def trials_table(
+    result_grid, cfg: LoraSweepConfig, max_steps: int, storage: str
+) -> list[dict[str, Any]]:
     """One row per trial: its sampled values, best metric and at which step, steps run, early stop."""
     metric, mode = cfg.objective
     rows = []
@@ -533,17 +663,17 @@ def trials_table(result_grid, cfg: LoraSweepConfig, max_steps: int) -> list[dict
                 "stopped_early": result.error is None and steps < max_steps,
                 "error": str(result.error)[:300] if result.error else None,
                 "curve": curve,
-                "checkpoints": _checkpoints(df, metric),
+                "checkpoints": _checkpoints(df, metric, storage),
             }
         )
     return rows
 
 
-def _checkpoints(df, metric: str) -> list[tuple[str, float]]:
+def _checkpoints(df, metric: str, storage: str) -> list[tuple[str, float]]:
     if df is None or "checkpoint_path" not in df or metric not in df:
         return []
     return [
-        (p, float(v))
+        (checkpoint_uri(p, storage), float(v))
         for p, v in zip(df["checkpoint_path"], df[metric], strict=True)
         if isinstance(p, str) and v == v
     ]
@@ -559,7 +689,7 @@ def write_trials(rows: list[dict], cfg: LoraSweepConfig, folder: str, fs) -> dic
     )
     for row in rows:
         writer.writerow(
-            [row["trial_id"], *(json.dumps(row["config"].get(k)) for k in keys)]
+            [row["trial_id"], *(_cell(row["config"].get(k)) for k in keys)]
             + [row[f"best_{metric}"], row["best_step"], row["steps_run"], row["stopped_early"]]
             + [row["error"] or ""]
         )
@@ -592,6 +722,11 @@ def write_trials(rows: list[dict], cfg: LoraSweepConfig, folder: str, fs) -> dic
         "trials_csv": posixpath.join(folder, "trials.csv"),
         "curves_png": posixpath.join(folder, "curves.png"),
     }
+
+
+def _cell(value: Any) -> Any:
+    """A sampled value as a CSV cell: scalars as they are, lists as JSON."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def _short(value: Any) -> str:
@@ -676,7 +811,7 @@ def run(cfg: LoraSweepConfig) -> JobManifest:
 
     def sweep(folder: str) -> dict:
         grid = run_sweep(cfg, out.uri_of(data_stage), storage, name, max_steps)
-        rows = trials_table(grid, cfg, max_steps)
+        rows = trials_table(grid, cfg, max_steps, storage)
         outputs = write_trials(rows, cfg, folder, out.fs)
         return {"rows": rows, "outputs": outputs, "experiment": posixpath.join(storage, name)}
 

@@ -27,11 +27,13 @@ from workloads.train.ray_train import (
     load_causal_lm,
     local_checkpoints,
     lora_config,
+    make_schedule_callback,
     make_throughput_callback,
     parameter_count,
     prepare_worker,
     read_tokenized_split,
     resolve_precision,
+    run_training,
     training_arguments,
 )
 
@@ -235,7 +237,7 @@ def _callbacks(heldout) -> list:
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
     # Ray's callback last: at each save it reports the log history the others have added to.
-    return [make_throughput_callback(), heldout, RayTrainReportCallback()]
+    return [make_throughput_callback(), make_schedule_callback(), heldout, RayTrainReportCallback()]
 
 
 def _dpo_trainer_class():
@@ -262,7 +264,7 @@ def _train(cfg: PreferenceJobConfig, trainer, heldout, n_train: int) -> dict[str
     resume = checkpoint_to_resume(cfg.checkpoint.resume_from)
     resumed_from_step = checkpoint_step(resume)
     with local_checkpoints(trainer.args.output_dir, resume):
-        trainer.train(resume_from_checkpoint=resume)
+        run_training(trainer, resume)
     peaks = gather_peak_memory()
     ray.train.report({f"peak_memory_mb_rank{r}": v for r, v in enumerate(peaks)})
     return {
