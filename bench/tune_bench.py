@@ -185,6 +185,9 @@ def section(r: dict) -> str:
         f"- The default LoRA config ({key(DEFAULT)}): eval loss {default['best_eval_loss']:.4f}; the "
         f"sweep's best is {full['best']['eval_loss']:.4f} "
         f"({(full['best']['eval_loss'] / default['best_eval_loss'] - 1):+.1%}).",
+        "- Asynchronous ASHA judges a trial against those that reached its rung before it, so which "
+        "trials it stops depends on when each gets there: a rerun can stop a different number of "
+        "trials. The trials' losses are deterministic; only the stopping decisions vary.",
         "<!-- tune:end -->",
     ]
     return "\n".join(lines)
