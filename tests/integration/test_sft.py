@@ -198,6 +198,25 @@ def test_rerun_resumes_every_stage(lora_run):
     assert again.extra["global_step"] == 12
 
 
+def test_a_finished_run_started_again_trains_nothing_and_reports_its_result(lora_run):
+    """Redo every stage (output.mode=overwrite): the same Ray Train run is restored at its last
+    checkpoint, step 12 of 12. Nothing trains (the Trainer alone would run a step 13), and the
+    run's final checkpoint and metrics are reported again."""
+    cfg, out, first = lora_run
+    again = run(
+        cfg.model_copy(update={"output": cfg.output.model_copy(update={"mode": "overwrite"})})
+    )
+    assert again.extra["resumed_from_step"] == 12
+    assert again.extra["global_step"] == 12
+    assert again.extra["eval_loss"] == first.extra["eval_loss"]
+    steps = [
+        json.loads(p.read_text())["global_step"]
+        for p in Path(cfg.storage_path).glob("sft-*/checkpoint_*/checkpoint/trainer_state.json")
+    ]
+    assert steps and max(steps) == 12
+    assert (out / "model" / "adapter_config.json").exists()
+
+
 @pytest.fixture(scope="module")
 def zero3_runs(ray_session, tiny_model, instructions, tmp_path_factory):
     """Full fine-tuning under ZeRO-3 for 4 steps, then a new run that resumes from its checkpoint."""

@@ -5,7 +5,8 @@ interrupted sweep continued with Tuner.restore.
 Each sweep runs as the command a user types (`python ray_jobs/tune_lora.py`), in its own process
 with its own local Ray: Ray Train removes a finished trial's placement group through its
 PlacementGroupCleaner, which needs the dashboard's state API, and the shared test session runs
-without a dashboard."""
+without a dashboard. Every sweep runs while that session is up, as in CI: with two Rays on the
+machine, the state API cannot guess which one is meant (see workloads.common.ray_runtime)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ SAMPLES = len(LEARNING_RATES)
 
 
 @pytest.fixture(scope="module")
-def instructions(tmp_path_factory) -> Path:
+def instructions(ray_session, tmp_path_factory) -> Path:
     from workloads.train.sft import make_instructions
 
     path = tmp_path_factory.mktemp("tune-data") / "instructions.jsonl"
@@ -138,8 +139,14 @@ def test_the_best_trial_is_exported_as_an_adapter(sweep, tiny_model):
 
     _, out, manifest = sweep
     best = manifest.extra["best"]
-    losses = [t["best_eval_loss"] for t in manifest.extra["trials"]]
-    assert best["eval_loss"] == min(losses)
+    trials = manifest.extra["trials"]
+    assert best["eval_loss"] == min(t["best_eval_loss"] for t in trials)
+    # The exported checkpoint is the best trial's own, from the step of its best eval loss.
+    row = next(t for t in trials if t["trial_id"] == best["trial_id"])
+    checkpoint = Path(best["checkpoint"])
+    assert checkpoint.parent.name.endswith(best["trial_id"])
+    state = json.loads((checkpoint / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == row["best_step"]
     adapter = out / "best"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == best["config"]["lora.r"]
@@ -183,9 +190,17 @@ def test_an_interrupted_sweep_continues_with_tuner_restore(tiny_model, instructi
             break
         time.sleep(1)
     driver.send_signal(signal.SIGINT)
-    driver.wait(timeout=120)
+    returncode = driver.wait(timeout=120)
     assert finished, "no trial finished before the deadline"
     assert len(_finished_trials(experiment)) < 3, "the sweep ended before the interruption"
+    # The interrupted job failed; it did not report the partial sweep as done.
+    assert returncode != 0 and not (out / "_manifest.json").exists()
+    kept = {
+        p: p.read_text()
+        for t in finished
+        for p in experiment.glob(f"tune-lora-*/trial_{t}/result.json")
+    }
+    assert len(kept) == len(finished) and all(f'"step": {MAX_STEPS}' in x for x in kept.values())
 
     done = run_cli(overrides)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -193,16 +208,21 @@ def test_an_interrupted_sweep_continues_with_tuner_restore(tiny_model, instructi
     trials = {t["trial_id"]: t for t in Manifest(out).extra["trials"]}
     assert len(trials) == 3 and all(t["steps_run"] == MAX_STEPS for t in trials.values())
     assert set(finished) <= set(trials)  # the trial finished before the interruption is kept
+    for path, text in kept.items():  # ... as it was: not run again
+        assert path.read_text() == text
 
 
 def _finished_trials(experiment: Path) -> list[str]:
-    """Trial ids whose result.json records the last step."""
-    done = []
-    for result in experiment.glob("tune-lora-*/*/result.json"):
-        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-        if any(r.get("step") == MAX_STEPS for r in lines):
-            done.append(lines[-1]["trial_id"])
-    return done
+    """Trial ids that Tune's latest saved experiment state records as terminated (what a restore
+    will keep), after they reported the last step."""
+    states = sorted(experiment.glob("tune-lora-*/experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]]
+    except (ValueError, KeyError):  # being written
+        return []
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
 
 
 def test_pbt_continues_the_worst_trial_from_the_best_ones_checkpoint(
@@ -270,7 +290,9 @@ def _history(checkpoint: Path) -> list[dict]:
     return state["log_history"]
 
 
-def test_a_dpo_sweep_with_optuna_maximises_held_out_reward_accuracy(tiny_model, tmp_path):
+def test_a_dpo_sweep_with_optuna_maximises_held_out_reward_accuracy(
+    ray_session, tiny_model, tmp_path
+):
     """Trials that each run the DPO job, proposed by Optuna's TPE sampler, ranked by the held-out
     reward accuracy the preference recipe reports."""
     from workloads.train.preference.job import make_pairs

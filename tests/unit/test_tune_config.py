@@ -4,12 +4,13 @@ distributions, scheduler rules, and how sampled values become a trial's override
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
 from workloads.common.config import ConfigError, load_config
-from workloads.train.tune import Distribution, LoraSweepConfig, trial_overrides
+from workloads.train.tune import Distribution, LoraSweepConfig, clamp_to_space, trial_overrides
 
 CPU_SWEEP = REPO / "ray_jobs" / "configs" / "tune_lora" / "sft-cpu.yaml"
 
@@ -50,6 +51,8 @@ def _space(space: dict) -> str:
         (["base_overrides=[train.max_steps=3]"], "checkpoint.every_steps"),
         (["base_overrides=[data.eval_fraction=0]"], "data.eval_fraction"),
         (["base_config=nowhere.yaml"], "base_config"),
+        ([_space({"model.name_or_path": {"choice": ["a", "b"]}})], "search_space.model"),
+        (["base_overrides=[train.eval_steps=15]"], "train.eval_steps"),  # checkpoints every 20
         (["max_concurrent_trials=0"], "max_concurrent_trials"),
     ],
 )
@@ -99,3 +102,49 @@ def test_discrete_values_take_the_job_configs_types():
     cfg = load_config(LoraSweepConfig, CPU_SWEEP, [_space(space)])
     assert cfg.search_space["train.learning_rate"].grid == [1.0e-5, 3.0e-3]
     assert cfg.search_space["lora.target_modules"].choice == ["all-linear", ["q_proj", "v_proj"]]
+
+
+def test_a_dpo_sweep_refuses_a_precomputed_reference():
+    with pytest.raises(ConfigError, match="preference.reference"):
+        load_config(
+            LoraSweepConfig,
+            REPO / "ray_jobs" / "configs" / "tune_lora" / "dpo-cpu.yaml",
+            [
+                "base_overrides=[train.max_steps=30, checkpoint.every_steps=10, preference.reference=precomputed]"
+            ],
+        )
+
+
+def test_pbt_perturbations_stay_in_their_ranges():
+    cfg = load_config(
+        LoraSweepConfig,
+        CPU_SWEEP,
+        [
+            "scheduler.type=pbt",
+            _space(
+                {
+                    "train.warmup_ratio": {"uniform": [0.0, 0.2]},
+                    "lora.dropout": {"uniform": [0.0, 0.1]},
+                }
+            ),
+        ],
+    )
+    bounds = cfg.bounds()
+    assert bounds == {"train.warmup_ratio": (0.0, 0.2), "lora.dropout": (0.0, 0.1)}
+    perturbed = {"sampled": {"train.warmup_ratio": 0.24, "lora.dropout": -0.01}, "other": 1}
+    assert clamp_to_space(perturbed, bounds) == {
+        "sampled": {"train.warmup_ratio": 0.2, "lora.dropout": 0.0},
+        "other": 1,
+    }
+    assert clamp_to_space({"sampled": {"k": 9.6}}, {"k": (1, 8)}) == {"sampled": {"k": 8}}
+
+
+def test_the_sweeps_identity_is_the_base_jobs_content_not_its_path(tmp_path):
+    cfg = load_config(LoraSweepConfig, CPU_SWEEP)
+    copy = tmp_path / "lora-cpu.yaml"
+    copy.write_text(Path(cfg.base_config).read_text())
+    moved = load_config(LoraSweepConfig, CPU_SWEEP, [f"base_config={copy}"])
+    assert moved.fingerprint() == cfg.fingerprint()
+    copy.write_text(Path(cfg.base_config).read_text().replace("dropout: 0.05", "dropout: 0.07"))
+    edited = load_config(LoraSweepConfig, CPU_SWEEP, [f"base_config={copy}"])
+    assert edited.fingerprint() != cfg.fingerprint()

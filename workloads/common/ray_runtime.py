@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from workloads.common.config import RayConfig
 from workloads.common.manifest import JobFailed
@@ -34,14 +35,29 @@ def init_ray(cfg: RayConfig, *, dashboard: bool = False) -> None:
             object_store = (
                 int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
             )
+            ports = {}
+            if dashboard and "RAY_API_SERVER_ADDRESS" not in os.environ:
+                # Ray's state API, which Ray Train's placement-group cleaner calls from inside
+                # the cluster, finds "its" Ray by scanning the machine's processes and gives up
+                # when a second Ray runs there (a `ray start` head, a test session). Name this
+                # Ray's dashboard before starting it, so every process it starts inherits it.
+                ports["dashboard_port"] = _free_port()
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports['dashboard_port']}"
             ray.init(
                 address="local",
                 num_cpus=cfg.num_cpus,
                 object_store_memory=object_store,
                 include_dashboard=dashboard,
+                **ports,
             )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.data_progress_bars
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def on_fixed_size_ray(cfg: RayConfig) -> bool:

@@ -533,7 +533,8 @@ def run_training(trainer, resume: str | None) -> None:
     A run restarted after its last checkpoint (a worker lost while gathering the final metrics, a
     tuning trial paused by its scheduler at the end) resumes at max_steps; the Trainer (5.19),
     when that step falls mid-epoch, skips the epoch's trained batches and runs one more step
-    before it checks the limit, so the run would end at max_steps + 1 with a new checkpoint."""
+    before it checks the limit, so the run would end at max_steps + 1 with a new checkpoint.
+    The checkpoint's metrics are reported again instead (`_report_again`)."""
     from transformers import TrainerState
 
     step = checkpoint_step(resume)
@@ -545,8 +546,27 @@ def run_training(trainer, resume: str | None) -> None:
             trainer.args.max_steps,
         )
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        _report_again(trainer.state, resume)
         return
     trainer.train(resume_from_checkpoint=resume)
+
+
+def _report_again(state, hf_checkpoint: str) -> None:
+    """Report a finished run's last checkpoint and metrics once more, as RayTrainReportCallback
+    did when it was saved: whoever restarted the run (Tune restoring a trial it had not yet seen
+    finish) then gets its final result instead of nothing. Outside Ray Train, nothing."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    try:
+        rank = ray.train.get_context().get_world_rank()
+    except RuntimeError:  # a plain Trainer, not under Ray Train
+        return
+    metrics: dict[str, Any] = {}
+    for entry in state.log_history:
+        metrics.update(entry)
+    folder = os.path.dirname(hf_checkpoint)  # the downloaded Ray Train checkpoint
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
 
 
 def checkpoint_step(hf_checkpoint: str | None) -> int | None:

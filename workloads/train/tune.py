@@ -29,14 +29,17 @@ Outputs:
                    stopped early or not) and curves.png (the metric against step, one line each)
   best/            the best trial's best checkpoint as a servable adapter folder
   _manifest.json   the table, the best trial and its config, steps run against the full budget
-An interrupted sweep (the driver killed, a retried RayJob) continues where it was with
-`Tuner.restore`: finished trials are kept, unfinished ones resume from their last checkpoint.
+An interrupted sweep (the driver killed, a retried RayJob) continues with `Tuner.restore`: finished
+trials are kept, unfinished ones resume from their last checkpoint. Tune does not save the
+scheduler's state, so after a restore ASHA's rungs (or PBT's records) hold only what is reported
+from then on.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -69,9 +72,9 @@ from workloads.train.ray_train import export_model, storage_path, torch_trainer,
 log = logging.getLogger(__name__)
 
 ALPHA_OVER_R = "lora.alpha_over_r"
-# Keys a sweep may not vary: the data stage is shared by every trial, and where a trial's output
-# and checkpoints go is the sweep's business.
-FIXED_PREFIXES = ("data.", "output.", "storage_path", "ray.", "checkpoint.", "scaling.")
+# Keys a sweep may not vary: the data stage (tokenized with the model's tokenizer) is shared by
+# every trial, and where a trial's output and checkpoints go is the sweep's business.
+FIXED_PREFIXES = ("data.", "model.", "output.", "storage_path", "ray.", "checkpoint.", "scaling.")
 # What PBT may change mid-run. It continues a trial from another's checkpoint with new values, so
 # nothing that changes the adapter's shape or what it was trained on; the learning rate and warmup
 # take effect on resume (ray_train.make_schedule_callback), dropout when the model is rebuilt.
@@ -260,8 +263,9 @@ class LoraSweepConfig(JobConfig):
         for key, dist in self.search_space.items():
             if key.startswith(FIXED_PREFIXES):
                 raise ValueError(
-                    f"search_space.{key}: data, output, checkpoint, scaling and Ray settings are "
-                    "the sweep's, shared by every trial; set them in base_config/base_overrides"
+                    f"search_space.{key}: data, model, output, checkpoint, scaling and Ray "
+                    "settings are the sweep's, shared by every trial (the data is tokenized once, "
+                    "with the model's tokenizer); set them in base_config/base_overrides"
                 )
             if key == ALPHA_OVER_R:
                 for v in dist.values_to_check():
@@ -299,6 +303,19 @@ class LoraSweepConfig(JobConfig):
                 "base_config: checkpoint.every_steps is beyond train.max_steps, so a trial would "
                 "report once, at its end: nothing for a scheduler to compare early"
             )
+        eval_steps = base.train.eval_steps or base.checkpoint.every_steps
+        if base.checkpoint.every_steps % eval_steps:
+            raise ValueError(
+                f"base_config: train.eval_steps ({eval_steps}) does not divide "
+                f"checkpoint.every_steps ({base.checkpoint.every_steps}), so some checkpoints "
+                "would report an older eval: the schedulers would rank trials by it and Ray "
+                "Train would keep checkpoints by it"
+            )
+        if self.job == "dpo" and base.preference.reference == "precomputed":
+            raise ValueError(
+                "base_config: preference.reference=precomputed runs a reference pass per job; "
+                "trials of a sweep use the online reference (set preference.reference=online)"
+            )
         if not base.data.eval_fraction:
             raise ValueError(
                 "base_config: data.eval_fraction is 0, so trials have no held-out metric to compare"
@@ -335,12 +352,34 @@ class LoraSweepConfig(JobConfig):
                 )
         return self
 
+    def fingerprint(self) -> str:
+        """The sweep's identity (its stages, its Tune experiment): the base job's validated
+        content, not the path of its YAML, so an edit to that file starts a new sweep and a copy
+        of the repository elsewhere (`ray job submit --working-dir`) continues the same one."""
+        payload = self.model_dump(
+            mode="json", exclude={"ray", "output", "base_config", "base_overrides"}
+        )
+        payload["base_job"] = self.base_job().model_dump(
+            mode="json", exclude={"ray", "output", "storage_path"}
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
     # -- the base job -------------------------------------------------------------------------
 
     def base_job(self, extra: list[str] | None = None):
         return load_config(
             job_config_class(self.job), self.base_config, [*self.base_overrides, *(extra or [])]
         )
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """The range of each continuous (or integer range) entry of the search space."""
+        out = {}
+        for key, dist in self.search_space.items():
+            if dist.kind in ("uniform", "loguniform"):
+                out[key] = tuple(getattr(dist, dist.kind))
+            elif dist.kind == "randint":
+                out[key] = (dist.randint[0], dist.randint[1] - 1)
+        return out
 
     def expected_trials(self) -> int:
         """Trials the search makes: num_samples per combination of the grid entries."""
@@ -404,7 +443,8 @@ def lora_trial(config: dict[str, Any]) -> None:
     if seed is not None:
         uri = checkpoint_uri(seed.path, config["storage"])
         tree["checkpoint"]["resume_from"] = uri
-        name += "-from-" + hashlib.sha256(uri.encode()).hexdigest()[:8]
+        seed_key = f"{uri}#{config.get('exploit', 0)}"
+        name += "-from-" + hashlib.sha256(seed_key.encode()).hexdigest()[:8]
         print(f"trial {name}: continuing from {uri} with {config['sampled']}", flush=True)
     cfg = job_config_class(config["job"]).model_validate(tree)
     loop, loop_config = _recipe(config["job"], cfg, config["data_uri"])
@@ -518,8 +558,19 @@ def _scheduler(cfg: LoraSweepConfig, max_steps: int, storage: str):
             hyperparam_mutations={
                 "sampled": {k: d.to_mutation() for k, d in cfg.search_space.items()}
             },
+            custom_explore_fn=functools.partial(clamp_to_space, bounds=cfg.bounds()),
         )
     return FIFOScheduler()
+
+
+def clamp_to_space(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict:
+    """PBT's perturbation multiplies a continuous value by 0.8 or 1.2 with no bound: keep it in
+    its distribution's range (a warmup ratio over 1 would fail the trial's config)."""
+    for key, (lo, hi) in bounds.items():
+        if key in config["sampled"]:
+            value = min(max(config["sampled"][key], lo), hi)
+            config["sampled"][key] = round(value) if isinstance(lo, int) else value
+    return config
 
 
 class TrainCheckpointPBT(PopulationBasedTraining):
@@ -543,6 +594,13 @@ class TrainCheckpointPBT(PopulationBasedTraining):
                 result["checkpoint_path"], self._storage
             )
         return super().on_trial_result(tune_controller, trial, result)
+
+    def _get_new_config(self, trial, trial_to_clone):
+        # Numbered, so a trial cloned twice from the same checkpoint starts a new Ray Train run
+        # each time instead of resuming the first one (lora_trial names the run after it).
+        new_config, operations = super()._get_new_config(trial, trial_to_clone)
+        new_config["exploit"] = self._num_perturbations + 1
+        return new_config, operations
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
         from ray.train import Checkpoint
@@ -576,9 +634,14 @@ def _search(cfg: LoraSweepConfig, concurrent: int):
     return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent)
 
 
-def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_steps: int):
-    """Start the sweep, or continue it from its state in `storage` after an interruption."""
+def run_sweep(
+    cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_steps: int, fresh: bool
+):
+    """Start the sweep, or continue it from its state in `storage` after an interruption
+    (`fresh`: output.mode overwrite, start again)."""
     from ray import tune
+
+    from workloads.common.storage import resolve_filesystem
 
     base = cfg.base_job()
     # A trial's own process only waits on its TorchTrainer, whose workers ask for the CPUs and
@@ -586,6 +649,10 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
     # held per trial would leave the last trial's workers waiting for one that never frees.
     trainable = tune.with_resources(lora_trial, {"CPU": 0, "memory": 2**20})
     experiment = posixpath.join(storage, name)
+    if fresh and tune.Tuner.can_restore(experiment):
+        fs, path = resolve_filesystem(experiment)
+        fs.delete_dir(path)
+        print(f"output.mode=overwrite: starting the sweep in {experiment} again", flush=True)
     if tune.Tuner.can_restore(experiment):
         print(f"continuing the sweep in {experiment}", flush=True)
         tuner = tune.Tuner.restore(
@@ -623,7 +690,7 @@ def run_sweep(cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_
                 verbose=1,
             ),
         )
-    # On SIGINT (Ctrl-C, `ray job stop`) Tune would stop "gracefully" and return the trials it has
+    # On SIGINT (Ctrl-C) Tune would stop "gracefully" and return the trials it has
     # as if the sweep were done. Let the interrupt raise instead, so the job fails and is not
     # recorded as finished; Tune saves the experiment's state as it goes, and the same command
     # continues it (Tuner.restore, above).
@@ -810,7 +877,9 @@ def run(cfg: LoraSweepConfig) -> JobManifest:
     name = f"tune-lora-{cfg.fingerprint()}"
 
     def sweep(folder: str) -> dict:
-        grid = run_sweep(cfg, out.uri_of(data_stage), storage, name, max_steps)
+        grid = run_sweep(
+            cfg, out.uri_of(data_stage), storage, name, max_steps, cfg.output.mode == "overwrite"
+        )
         rows = trials_table(grid, cfg, max_steps, storage)
         outputs = write_trials(rows, cfg, folder, out.fs)
         return {"rows": rows, "outputs": outputs, "experiment": posixpath.join(storage, name)}
