@@ -33,7 +33,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -215,17 +214,7 @@ def prepare(work: Path, names: list[str]) -> dict:
         "quality" in names and not DEMO_SFT_MODEL.is_dir()
     )
     if needs_tiny:
-        subprocess.run(
-            [sys.executable, "-m", "workloads.data.sample", "build", "--out", str(work / "sample")],
-            check=True,
-            cwd=REPO,
-        )
-        subprocess.run(
-            [sys.executable, "-m", "workloads.train.tiny", "--out", str(work / "tiny")]
-            + ["--corpus", str(work / "sample" / "corpus")],
-            check=True,
-            cwd=REPO,
-        )
+        sft_bench.build_sample_and_tiny(work)
     if "quality" in names:
         if DEMO_SFT_MODEL.is_dir():
             prepared["demo_model"] = DEMO_SFT_MODEL

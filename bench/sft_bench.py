@@ -267,26 +267,25 @@ def save_llama(out: Path, tokenizer_dir: Path, shape: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prepare(work: Path, names: list[str]) -> dict:
-    """Sample corpus, tiny tokenizer, instruction set and the models the measurements need."""
+def build_sample_and_tiny(work: Path) -> None:
+    """The sample corpus in work/sample and the tiny tokenizer and Llama trained on it in
+    work/tiny, each by its own command (`make demo` builds them the same way)."""
     subprocess.run(
         [sys.executable, "-m", "workloads.data.sample", "build", "--out", str(work / "sample")],
         check=True,
         cwd=REPO,
     )
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workloads.train.tiny",
-            "--out",
-            str(work / "tiny"),
-            "--corpus",
-            str(work / "sample" / "corpus"),
-        ],
+        [sys.executable, "-m", "workloads.train.tiny", "--out", str(work / "tiny")]
+        + ["--corpus", str(work / "sample" / "corpus")],
         check=True,
         cwd=REPO,
     )
+
+
+def prepare(work: Path, names: list[str]) -> dict:
+    """Sample corpus, tiny tokenizer, instruction set and the models the measurements need."""
+    build_sample_and_tiny(work)
     from workloads.train.sft import make_instructions
 
     prepared = {"tiny": work / "tiny", "instructions": work / "instructions.jsonl"}

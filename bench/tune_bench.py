@@ -33,7 +33,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from bench.results_md import write_section  # noqa: E402
-from bench.sft_bench import machine  # noqa: E402
+from bench.sft_bench import build_sample_and_tiny, machine  # noqa: E402
 from workloads.common.manifest import package_versions  # noqa: E402
 
 RESULTS_JSON = HERE / "tune_results.json"
@@ -62,28 +62,10 @@ def inputs(work: Path) -> tuple[Path, Path, str]:
         )
     from workloads.train.sft import make_instructions
 
-    py = sys.executable
-    subprocess.run(
-        [py, "-m", "workloads.data.sample", "build", "--out", str(work / "sample")],
-        check=True,
-        cwd=REPO,
-    )
+    build_sample_and_tiny(work)
     subprocess.run(
         [
-            py,
-            "-m",
-            "workloads.train.tiny",
-            "--out",
-            str(work / "tiny"),
-            "--corpus",
-            str(work / "sample" / "corpus"),
-        ],
-        check=True,
-        cwd=REPO,
-    )
-    subprocess.run(
-        [
-            py,
+            sys.executable,
             "ray_jobs/pretrain.py",
             "--config",
             "ray_jobs/configs/pretrain/tiny-cpu.yaml",

@@ -102,8 +102,17 @@ class JobConfig(StrictModel):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where Ray runs or where output goes)."""
-        payload = self.model_dump(mode="json", exclude={"ray", "output"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(self.fingerprint_payload())
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        """What `fingerprint` hashes; a job whose results depend on more than its own fields (a
+        sweep's base config file) says so here."""
+        return self.model_dump(mode="json", exclude={"ray", "output"})
+
+
+def digest(payload: Any) -> str:
+    """16 hex digits of SHA-256 over `payload` as canonical JSON."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class DataJobConfig(JobConfig):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from workloads.common.config import RayConfig
+from workloads.common.config import RayConfig, digest
 from workloads.common.manifest import JobFailed
 from workloads.common.ray_runtime import on_fixed_size_ray
 from workloads.train.config import (
@@ -74,8 +73,16 @@ def run_name(job: str, cfg) -> str:
     left out, so changing them (or where output goes) still resumes the same Ray Train run; the
     scaling stays in, since ZeRO checkpoints are sharded per worker."""
     payload = cfg.model_dump(mode="json", exclude={"ray", "output", "checkpoint", "storage_path"})
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{job}-{digest}"
+    return f"{job}-{digest(payload)}"
+
+
+def worker_group_resources(scaling: TrainScalingConfig) -> dict[str, float]:
+    """Ray resources the whole worker group asks for: Ray Train's per-worker default (1 CPU, plus
+    1 GPU with use_gpu) or `resources_per_worker`, times the workers."""
+    per_worker = dict(scaling.resources_per_worker or {"CPU": 1})
+    if scaling.use_gpu:
+        per_worker.setdefault("GPU", 1)
+    return {k: v * scaling.num_workers for k, v in per_worker.items()}
 
 
 def check_cluster_fits(ray_cfg: RayConfig, scaling: TrainScalingConfig) -> None:
@@ -87,12 +94,8 @@ def check_cluster_fits(ray_cfg: RayConfig, scaling: TrainScalingConfig) -> None:
 
     if not on_fixed_size_ray(ray_cfg):
         return
-    per_worker = dict(scaling.resources_per_worker or {"CPU": 1})
-    if scaling.use_gpu:
-        per_worker.setdefault("GPU", 1)
     have = ray.cluster_resources()
-    for resource_name, amount in per_worker.items():
-        need = amount * scaling.num_workers
+    for resource_name, need in worker_group_resources(scaling).items():
         if have.get(resource_name, 0) < need:
             raise JobFailed(
                 f"scaling.num_workers={scaling.num_workers} workers need {need:g} {resource_name} "

@@ -64,10 +64,17 @@ from workloads.common.config import (
 )
 from workloads.common.documents import list_input_files
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
-from workloads.common.ray_runtime import init_ray, on_fixed_size_ray
+from workloads.common.ray_runtime import init_ray
 from workloads.common.storage import OutputLayout
 from workloads.train.config import project_file
-from workloads.train.ray_train import export_model, storage_path, torch_trainer, write_rejects
+from workloads.train.ray_train import (
+    check_cluster_fits,
+    export_model,
+    storage_path,
+    torch_trainer,
+    worker_group_resources,
+    write_rejects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +359,7 @@ class LoraSweepConfig(JobConfig):
                 )
         return self
 
-    def fingerprint(self) -> str:
+    def fingerprint_payload(self) -> dict[str, Any]:
         """The sweep's identity (its stages, its Tune experiment): the base job's validated
         content, not the path of its YAML, so an edit to that file starts a new sweep and a copy
         of the repository elsewhere (`ray job submit --working-dir`) continues the same one."""
@@ -362,7 +369,7 @@ class LoraSweepConfig(JobConfig):
         payload["base_job"] = self.base_job().model_dump(
             mode="json", exclude={"ray", "output", "storage_path"}
         )
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return payload
 
     # -- the base job -------------------------------------------------------------------------
 
@@ -509,13 +516,6 @@ def _recipe(job: str, cfg, data_uri: str):
 # The sweep
 
 
-def trial_resources(base) -> dict[str, float]:
-    per_worker = dict(base.scaling.resources_per_worker or {"CPU": 1})
-    if base.scaling.use_gpu:
-        per_worker.setdefault("GPU", 1)
-    return {k: v * base.scaling.num_workers for k, v in per_worker.items()}
-
-
 def concurrent_trials(cfg: LoraSweepConfig, base) -> int:
     """`max_concurrent_trials`, with `auto` as many trials as the cluster's resources hold now."""
     if cfg.max_concurrent_trials != "auto":
@@ -523,7 +523,7 @@ def concurrent_trials(cfg: LoraSweepConfig, base) -> int:
     import ray
 
     have = ray.cluster_resources()
-    need = trial_resources(base)
+    need = worker_group_resources(base.scaling)
     fits = min(math.floor(have.get(k, 0) / v) for k, v in need.items() if v > 0)
     if fits < 1:
         raise JobFailed(
@@ -634,16 +634,13 @@ def _search(cfg: LoraSweepConfig, concurrent: int):
     return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent)
 
 
-def run_sweep(
-    cfg: LoraSweepConfig, data_uri: str, storage: str, name: str, max_steps: int, fresh: bool
-):
+def run_sweep(cfg: LoraSweepConfig, base, data_uri: str, storage: str, name: str, fresh: bool):
     """Start the sweep, or continue it from its state in `storage` after an interruption
     (`fresh`: output.mode overwrite, start again)."""
     from ray import tune
 
     from workloads.common.storage import resolve_filesystem
 
-    base = cfg.base_job()
     # A trial's own process only waits on its TorchTrainer, whose workers ask for the CPUs and
     # GPUs. Tune refuses an empty request, so it holds a token MiB of Ray's logical memory: a CPU
     # held per trial would leave the last trial's workers waiting for one that never frees.
@@ -676,7 +673,7 @@ def run_sweep(
             param_space=param_space,
             # No metric here: the scheduler and searcher carry it.
             tune_config=tune.TuneConfig(
-                scheduler=_scheduler(cfg, max_steps, storage),
+                scheduler=_scheduler(cfg, base.train.max_steps, storage),
                 search_alg=_search(cfg, concurrent_trials(cfg, base)),
                 num_samples=1 if cfg.search.algorithm == "grid" else cfg.search.num_samples,
                 # Tune names a trial's folder after its config, the whole base job included when
@@ -852,10 +849,10 @@ def run(cfg: LoraSweepConfig) -> JobManifest:
 
         data_stage = "_stages/pairs"
     check_tokenizer(base)
-    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
+    fingerprint = cfg.fingerprint()
+    out = OutputLayout(cfg.output.path, fingerprint, overwrite=cfg.output.mode == "overwrite")
     init_ray(cfg.ray, dashboard=True)
-    if on_fixed_size_ray(cfg.ray):
-        concurrent_trials(cfg, base)  # fails now if not even one trial fits
+    check_cluster_fits(cfg.ray, base.scaling)  # a trial that cannot fit would wait forever
 
     counts = out.run_stage(
         data_stage, lambda folder: prepare(base, out, files, folder), manifest
@@ -874,11 +871,11 @@ def run(cfg: LoraSweepConfig) -> JobManifest:
         cfg.storage_path or posixpath.join(cfg.output.path.rstrip("/"), "_ray_tune"),
         cfg.output.path,
     )
-    name = f"tune-lora-{cfg.fingerprint()}"
+    name = f"tune-lora-{fingerprint}"
 
     def sweep(folder: str) -> dict:
         grid = run_sweep(
-            cfg, out.uri_of(data_stage), storage, name, max_steps, cfg.output.mode == "overwrite"
+            cfg, base, out.uri_of(data_stage), storage, name, cfg.output.mode == "overwrite"
         )
         rows = trials_table(grid, cfg, max_steps, storage)
         outputs = write_trials(rows, cfg, folder, out.fs)
