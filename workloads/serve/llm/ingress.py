@@ -11,17 +11,25 @@ Ray's `OpenAiIngress`, unchanged.
   it is alive).
 """
 
-from __future__ import annotations
-
 import hmac
 import json
 import os
 from typing import Any
 
-from fastapi import HTTPException, status
+from fastapi import HTTPException, Request, status
+from fastapi.responses import Response
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingCompletionRequest,
+    ErrorResponse,
+    OpenAIHTTPException,
+)
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-API_KEY_ENV = "LLM_API_KEY"
+from workloads.serve.llm.adapters import LocalAdapters
+from workloads.serve.llm.config import API_KEY_ENV
+
 PROTECTED_PREFIXES = ("/v1/",)
 
 
@@ -31,9 +39,9 @@ class ServingMiddleware:
     The key is read from the environment of the ingress replica (`api_key_env`, set through the
     application's runtime_env or the pod's secret), never from the YAML."""
 
-    def __init__(self, app, api_key_env: str = API_KEY_ENV):
+    def __init__(self, app, api_key_env: str | None = API_KEY_ENV):
         self.app = app
-        self.api_key = os.environ.get(api_key_env) or None
+        self.api_key = (os.environ.get(api_key_env) if api_key_env else None) or None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -82,28 +90,154 @@ async def _send_json(send, code: int, body: dict[str, Any], extra_headers=()) ->
     await send({"type": "http.response.body", "body": payload})
 
 
-class ServingIngress(OpenAiIngress):
-    async def ready(self) -> dict[str, Any]:
-        """A real one-token generation on every base model; 503 until each returns one."""
-        from ray.serve.llm.openai_api_models import CompletionRequest
+class PromptBudget:
+    """prompt tokens + max_tokens <= max_model_len, checked before the request reaches the engine.
 
+    vLLM answers 400 only when the prompt alone is too long; when the prompt fits but the
+    completion would not, it shortens `max_tokens` without telling the client (OpenAI's API
+    answers 400). Counting needs the tokenizer and, for chat, the chat template, so this loads the
+    base model's tokenizer once per ingress replica. Requests it cannot count (token-id prompts
+    are counted directly; multimodal content is not) are left to vLLM's own check."""
+
+    def __init__(self, tokenizer_source: str, max_model_len: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.max_model_len = max_model_len
+
+    def prompt_tokens(self, body) -> int | None:
+        if hasattr(body, "messages"):
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    [m if isinstance(m, dict) else m.model_dump() for m in body.messages],
+                    add_generation_prompt=body.add_generation_prompt,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            except Exception:  # noqa: BLE001 - tools, images, templates we cannot render here
+                return None
+            return len(ids)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            return len(self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            return max((len(self.tokenizer(p).input_ids) for p in prompt), default=0)
+        return None
+
+    def check(self, body) -> None:
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is None:
+            return
+        used = self.prompt_tokens(body)
+        if used is not None and used + max_tokens > self.max_model_len:
+            raise OpenAIHTTPException(
+                status_code=status.HTTP_400_BAD_REQUEST,
+                message=(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"The prompt has {used} tokens and max_tokens is {max_tokens} "
+                    f"({used + max_tokens} in all). Shorten the prompt or lower max_tokens."
+                ),
+                type="BadRequestError",
+            )
+
+
+class ServingIngress(OpenAiIngress):
+    """Ray's `OpenAiIngress` plus local adapters in the model list, the prompt budget and /ready."""
+
+    def __init__(
+        self,
+        llm_deployments,
+        model_cards,
+        *,
+        lora_paths: dict[str, str] | None = None,
+        local_adapters: dict[str, LocalAdapters] | None = None,
+        prompt_budgets: dict[str, tuple[str, int]] | None = None,
+        pooling_models: list[str] | None = None,
+    ):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self._pooling_models = set(pooling_models or ())
+        self._local_adapters = dict(local_adapters or {})
+        self._budgets = {m: PromptBudget(*args) for m, args in (prompt_budgets or {}).items()}
+
+    async def model(self, model_id: str):
+        from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
+        from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+
+        base = get_base_model_id(model_id)
+        local = self._local_adapters.get(base)
+        if model_id != base and local is not None:
+            folder = local.folder(get_lora_id(model_id))
+            if folder is not None:
+                card = self._model_cards[base]
+                return ModelCard(
+                    id=model_id,
+                    object="model",
+                    owned_by=card.owned_by,
+                    permission=list(card.permission),
+                    metadata={**card.metadata, "base_model_id": base, "adapter_path": str(folder)},
+                )
+            if not self._lora_paths.get(base):
+                return None
+        return await super().model(model_id)
+
+    async def models(self):
+        listed = await super().models()
+        have = {m.id for m in listed.data}
+        for base, local in self._local_adapters.items():
+            for name in local.names():
+                card = await self.model(f"{base}:{name}")
+                if card is not None and card.id not in have:
+                    listed.data.append(card)
+        return listed
+
+    def _check_budget(self, body) -> None:
+        from ray.llm._internal.common.utils.lora_utils import get_base_model_id
+
+        if body.model is None:
+            return
+        budget = self._budgets.get(get_base_model_id(body.model))
+        if budget is not None:
+            budget.check(body)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_budget(body)
+        return await super().completions(body, request)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_budget(body)
+        return await super().chat(body, request)
+
+    async def ready(self) -> dict[str, Any]:
+        """A real one-token generation on every generative model (one embedding on pooling
+        models); 503 until each answers."""
         answered = {}
         for model_id, handle in self._default_serve_handles.items():
-            request = CompletionRequest(model=model_id, prompt="ready?", max_tokens=1)
+            handle = handle.options(stream=True)
             try:
-                stream = handle.options(stream=True).completions.remote(request, None)
+                if model_id in self._pooling_models:
+                    request = EmbeddingCompletionRequest(model=model_id, input="ready?")
+                    stream = handle.embeddings.remote(request, None)
+                else:
+                    request = CompletionRequest(model=model_id, prompt="ready?", max_tokens=1)
+                    stream = handle.completions.remote(request, None)
                 first = await stream.__anext__()
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 raise HTTPException(
                     status.HTTP_503_SERVICE_UNAVAILABLE, f"{model_id}: {exc}"
                 ) from None
-            if type(first).__name__ == "ErrorResponse":
-                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{model_id}: {first}")
+            if isinstance(first, list):
+                first = first[0]
+            if isinstance(first, ErrorResponse):
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE, f"{model_id}: {first.error.message}"
+                )
             answered[model_id] = "ok"
         return {"ready": True, "models": answered}
 
 
-def build_ingress_cls(api_key_env: str = API_KEY_ENV):
+def build_ingress_cls(api_key_env: str | None = API_KEY_ENV):
     """Ray's OpenAI routes plus /ready on Ray's FastAPI app (its exception, CORS, metrics and
     request-id middleware), with `ServingMiddleware` outermost."""
     from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
