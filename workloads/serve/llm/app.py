@@ -4,9 +4,10 @@
     LLM_API_KEY=secret serve run serve_configs/llm-cpu.yaml
     serve deploy serve_configs/llm-gpu.yaml         # or the RayService in cluster/kuberay
 
-It is `ray.serve.llm.build_openai_app` with two changes: our ingress (`ingress.py`: API keys,
-the prompt budget, /ready, proxy-safe streaming headers) in place of Ray's default one, and
-adapters from local folders (`adapters.py`) beside Ray's cloud ones. The LLM deployments are
+It is `ray.serve.llm.build_openai_app` with three changes: our ingress (`ingress.py`: API keys,
+the prompt budget, /ready, proxy-safe streaming headers) in place of Ray's default one, adapters
+from local folders (`adapters.py`) beside Ray's cloud ones, and an `LLMServer` that streams the
+first token at once (`server.py`). The LLM deployments are
 Ray's `LLMServer`s, built by `build_llm_deployment` from the same `llm_configs`, so everything
 Ray documents for them (autoscaling, placement, tensor parallelism, prefix-aware routing) holds.
 """
@@ -30,6 +31,7 @@ from workloads.serve.llm.config import (
     model_id,
     parse_app_args,
 )
+from workloads.serve.llm.server import StreamingLLMServer
 
 logger = logging.getLogger("ray.serve")
 
@@ -51,7 +53,12 @@ def build_app(args: dict[str, Any]):
         bind = {}
         if local is not None:
             bind["model_downloader"] = functools.partial(LocalAdapterLoader, local=local)
-        deployments[mid] = build_llm_deployment(configs[mid], bind_kwargs=bind)
+        deployments[mid] = build_llm_deployment(
+            configs[mid],
+            bind_kwargs=bind,
+            deployment_cls=None if configs[mid].server_cls else StreamingLLMServer,
+            name_prefix="LLMServer:",
+        )
 
     ingress_cls = build_ingress_cls(cfg.api_key_env)
     options = maybe_apply_llm_deployment_config_defaults(
@@ -69,6 +76,8 @@ def build_app(args: dict[str, Any]):
         local_adapters={mid: local for mid, _, local, _ in plans if local is not None},
         prompt_budgets={mid: budget for mid, _, _, budget in plans if budget is not None},
         pooling_models=[mid for mid, raw, _, _ in plans if _is_pooling(raw)],
+        api_key_env=cfg.api_key_env,
+        require_api_key=cfg.require_api_key,
     )
 
 

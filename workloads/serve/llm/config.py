@@ -50,7 +50,7 @@ class AdapterSource(StrictModel):
         default_factory=dict,
         description=(
             "Local adapter folders by name, served as <model_id>:<name>: the SFT, DPO and Tune "
-            "jobs' outputs (outputs/sft/model, outputs/dpo/model, outputs/tune_lora/best/adapter). "
+            "jobs' outputs (outputs/sft/model, outputs/dpo/model, outputs/tune_lora/best). "
             "A folder that does not exist, or whose adapter was trained on another base model, is "
             "skipped with a warning, so one config serves whatever has been trained so far."
         ),
@@ -107,8 +107,16 @@ class LLMAppConfig(StrictModel):
         default=API_KEY_ENV,
         description=(
             "Environment variable, read in the ingress replica, that holds the API key. When it "
-            "is set there, /v1/* needs `Authorization: Bearer <key>` (401 otherwise). The key "
+            "is set there, every route but /ready needs `Authorization: Bearer <key>` (401 "
+            "otherwise). The key "
             "itself never goes in the YAML: set it in the runtime_env, or from a Kubernetes secret."
+        ),
+    )
+    require_api_key: bool = Field(
+        default=False,
+        description=(
+            "Fail an ingress replica whose environment lacks the key, instead of serving it "
+            "without authentication (set it on clusters, where a pod may miss the secret)."
         ),
     )
     check_prompt_budget: bool = Field(
