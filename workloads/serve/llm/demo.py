@@ -37,7 +37,9 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float) -> float:
             if resp.status == 200:
                 return time.time() - start
         if proc.poll() is not None:
-            raise SystemExit(f"serve run exited with {proc.returncode} before the app was ready")
+            raise SystemExit(
+                f"serve run exited with {proc.returncode} before the app was ready (see its log)"
+            )
         if time.time() - start > timeout_s:
             raise SystemExit(f"the app was not ready after {timeout_s:.0f} s")
         time.sleep(3)
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--log", default="outputs/serve/serve-run.log", help="serve run's output")
     opts = parser.parse_args(argv)
 
     config = yaml.safe_load(Path(opts.config).read_text())
@@ -82,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     base = f"http://127.0.0.1:{http.get('port', 8000)}"
     serve = str(Path(sys.executable).with_name("serve"))
-    proc = subprocess.Popen([serve, "run", opts.config], start_new_session=True)
+    log_path = Path(opts.log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below, after serve run exits
+    print(f"serve run {opts.config} (its log: {log_path})", flush=True)
+    proc = subprocess.Popen(
+        [serve, "run", opts.config], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         took = wait_ready(base, proc, opts.timeout)
         print(f"serving at {base} ({took:.0f} s to ready)", flush=True)
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
     return 0
 
 
