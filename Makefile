@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo tune-demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train bench-tune
+.PHONY: setup demo serve tune-demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train bench-tune bench-serve
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -77,6 +77,20 @@ demo: setup data/sample/planted.json models/tiny-llama/tiny_model.json data/inst
 	$(PY) ray_jobs/preference.py --config ray_jobs/configs/preference/dpo-lora-cpu.yaml ray.data_progress_bars=false
 	$(PY) -c "import json; e = json.load(open('outputs/dpo/_manifest.json'))['extra']; b, a = e['heldout_before'], e['heldout_after']; print('dpo held-out reward accuracy', b['heldout/reward_accuracy'], '->', round(a['heldout/reward_accuracy'], 3), '| margin', round(a['heldout/reward_margin'], 3), '| KL/token', round(a['heldout/kl'], 3), '| curves in outputs/dpo/training')"
 	$(if $(filter 1,$(TUNE)),$(MAKE) tune-demo)
+	# Serving: the DPO'd model (and its adapter, as demo-llm:dpo) through vLLM on Ray Serve behind
+	# an OpenAI API (serve_configs/llm-cpu.yaml), asked one question with the openai client.
+	$(PY) -m workloads.serve.llm.demo
+
+# vLLM on Ray Serve with an OpenAI-compatible API (serve_configs/llm-cpu.yaml): the demo's SFT model,
+# else the pretrained one, else the tiny one, plus their LoRA adapters and an embedding model.
+# Ctrl-C stops it. LLM_API_KEY=... make serve requires that key.
+serve: setup models/tiny-llama/tiny_model.json
+	@echo 'Serving on http://127.0.0.1:8000 once /ready answers (about a minute). Then, from another shell:'
+	@echo '  curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \'
+	@echo '    -H "Authorization: Bearer $$LLM_API_KEY" \'
+	@echo '    -d '"'"'{"model": "demo-llm", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'"'"
+	@echo '(the Authorization header only when LLM_API_KEY was set for make serve)'
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/serve run serve_configs/llm-cpu.yaml
 
 # The optional sweep of the demo (make demo TUNE=1, or make tune-demo after make demo): Ray Tune
 # over LoRA rank, alpha, dropout, target modules, learning rate and warmup, 6 trials of the SFT
@@ -99,6 +113,9 @@ bench-train: setup
 
 bench-tune: setup
 	$(PY) bench/tune_bench.py
+
+bench-serve: setup
+	$(PY) bench/serve_bench.py
 
 bench-embed: setup
 	$(PY) bench/embed_bench.py

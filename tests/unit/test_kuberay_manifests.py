@@ -56,7 +56,7 @@ def _docs() -> list[tuple[str, dict]]:
 def test_crds_and_manifests_are_present():
     assert {"RayCluster", "RayJob", "RayService"} <= set(_schemas())
     kinds = {d["kind"] for _, d in _docs()}
-    assert {"RayCluster", "RayJob"} <= kinds
+    assert {"RayCluster", "RayJob", "RayService"} <= kinds
 
 
 @pytest.mark.parametrize(("name", "doc"), _docs(), ids=[n for n, _ in _docs()])
@@ -74,7 +74,11 @@ def test_strict_validation_catches_a_misspelt_field():
 
 def _cluster_specs():
     for name, doc in _docs():
-        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec")
+        spec = {
+            "RayCluster": lambda s: s,
+            "RayJob": lambda s: s.get("rayClusterSpec"),
+            "RayService": lambda s: s.get("rayClusterConfig"),
+        }[doc["kind"]](doc["spec"])
         if spec:
             yield name, spec
 
@@ -118,3 +122,29 @@ def test_rayjob_entrypoint_names_a_real_job_and_config(name, doc):
         config = Path(args[args.index("--config") + 1].removeprefix("/home/ray/app/"))
         assert (REPO / script).is_file() and (REPO / config).is_file(), command
         assert f"ray_jobs/{script.stem}.py --config {config}" in (REPO / config).read_text()
+
+
+def test_rayservice_serves_the_gpu_serve_config_on_an_autoscaling_gpu_group():
+    """serveConfigV2 is serve_configs/llm-gpu.yaml (the same text `serve deploy` takes), and the
+    GPU group can grow to fit Serve's max replicas."""
+    (service,) = [d for _, d in _docs() if d["kind"] == "RayService"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config == yaml.safe_load((REPO / "serve_configs" / "llm-gpu.yaml").read_text())
+
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (gpu,) = [
+        g
+        for g in groups
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
+    gpus_per_pod = int(
+        gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    )
+    assert gpu["maxReplicas"] > gpu["minReplicas"]
+    needed = 0
+    for llm in serve_config["applications"][0]["args"]["llm_configs"]:
+        per_replica = llm["engine_kwargs"].get("tensor_parallel_size", 1)
+        needed += per_replica * llm["deployment_config"]["autoscaling_config"]["max_replicas"]
+        accelerator = llm["accelerator_type"]
+        assert f"accelerator_type:{accelerator}" in gpu["rayStartParams"]["resources"]
+    assert gpu["maxReplicas"] * gpus_per_pod >= needed

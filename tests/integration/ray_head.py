@@ -1,0 +1,121 @@
+"""A private Ray head started with `ray start --head` on free ports, beside the test session's Ray.
+
+Used by the tests that go through Ray's own command line (`ray job submit`, `serve run`): the path
+every cluster user takes. `ray stop` would also stop the session's Ray, so teardown stops only this
+head's process group and whatever else runs from its temp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # `ray start --head` turns on token auth by default (the token lives in ~/.ray/auth_token);
+    # the CLI clients only send it in token mode.
+    env["RAY_AUTH_MODE"] = "token"
+    # As in an activated venv: the job's `python` is the one Ray and this project are installed in.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class RayHead:
+    gcs_address: str  # for `ray.init` / `serve run --address`
+    dashboard_address: str  # for `ray job submit --address`
+    metrics_port: int  # Prometheus text of this node: http://127.0.0.1:<port>/metrics
+    temp_dir: str
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, **env: str) -> Iterator[RayHead]:
+    """`ray start --head --block` on free ports; `env` is the environment of the head (and so of
+    every worker it starts)."""
+    gcs, dashboard, client, node_mgr, obj_mgr, agent, agent_grpc, metrics, rt_env = free_ports(9)
+    # A worker-port window of its own, away from the session's `ray.init` cluster's default range.
+    worker_lo = 40000 + (os.getpid() % 200) * 100
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray puts unix sockets here
+    log_path = Path(temp_dir) / "ray-start.log"
+    head_env = cli_env(**env)
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--disable-usage-stats",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--min-worker-port={worker_lo}",
+        f"--max-worker-port={worker_lo + 99}",
+        f"--temp-dir={temp_dir}",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=head_env
+        )
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 180
+        while True:
+            ready = subprocess.run(
+                [RAY, "job", "list", "--address", address], capture_output=True, env=head_env
+            )
+            if ready.returncode == 0:
+                break
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"ray start --head did not come up: {log_path.read_text()[-3000:]}")
+            time.sleep(2)
+        try:
+            yield RayHead(f"127.0.0.1:{gcs}", address, metrics, temp_dir, head_env)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for p in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error):
+                    if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                        p.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
