@@ -23,6 +23,9 @@ Targets, each a fresh server process tree, one after another:
                      message per token)
   serve-stream-200ms ours with 200 ms stream batches (fewer, larger Ray messages)
   serve-2-ingress    ours with two ingress replicas
+Run it alone on the machine: between targets it stops every Ray there (`ray stop --force`), so
+that no `serve run` attaches to a cluster a previous target left behind.
+
 Not in the default run (`--only` runs them):
   vllm-pinned,       the pair again with the engine's worker alone on core 1
   serve-pinned,      (VLLM_CPU_OMP_THREADS_BIND=1) and everything else (the API server or Ray and

@@ -253,6 +253,7 @@ def test_pbt_continues_the_worst_trial_from_the_best_ones_checkpoint(
     assert seeded, f"no trial was continued from another's checkpoint: {sorted(storage.iterdir())}"
     donors = re.findall(r"continuing from (\S+) with", done.stdout)
     assert len(donors) == len(seeded)
+    assert any(_history(Path(d))[-1]["step"] < MAX_STEPS for d in donors)  # one before the end
     for donor in donors:
         # The seeded run's history starts with the donor's: its weights, optimizer and step.
         donor_history = _history(Path(donor))
@@ -262,7 +263,11 @@ def test_pbt_continues_the_worst_trial_from_the_best_ones_checkpoint(
             if _first_checkpoint(r) is not None
             and _history(_first_checkpoint(r))[: len(donor_history)] == donor_history
         )
-        assert _history(_first_checkpoint(run))[-1]["step"] > donor_history[-1]["step"]
+        donor_step = donor_history[-1]["step"]
+        if donor_step < MAX_STEPS:  # it trains on from the donor's step
+            assert _history(_first_checkpoint(run))[-1]["step"] > donor_step
+        else:  # exploited at the last perturbation: nothing left to train, the result reported again
+            assert _history(_first_checkpoint(run))[-1]["step"] == donor_step == MAX_STEPS
 
     # Every report's learning rate is its trial's current rate on the shared schedule: after an
     # exploit the trial trains at its new rate, not at the donor's.
