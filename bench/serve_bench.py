@@ -51,7 +51,6 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -68,6 +67,7 @@ sys.path.insert(0, str(REPO))
 from bench.results_md import write_section  # noqa: E402
 from bench.sft_bench import build_sample_and_tiny, machine, save_llama  # noqa: E402
 from workloads.common.manifest import package_versions  # noqa: E402
+from workloads.common.ray_runtime import free_port  # noqa: E402
 
 RESULTS_JSON = HERE / "serve_results.json"
 COMMAND = ".venv/bin/python bench/serve_bench.py"
@@ -123,12 +123,6 @@ METRICS = (
     "median_itl_ms",
     "p99_itl_ms",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> float:

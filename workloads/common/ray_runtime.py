@@ -41,7 +41,7 @@ def init_ray(cfg: RayConfig, *, dashboard: bool = False) -> None:
                 # the cluster, finds "its" Ray by scanning the machine's processes and gives up
                 # when a second Ray runs there (a `ray start` head, a test session). Name this
                 # Ray's dashboard before starting it, so every process it starts inherits it.
-                ports["dashboard_port"] = _free_port()
+                ports["dashboard_port"] = free_port()
                 os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports['dashboard_port']}"
             ray.init(
                 address="local",
@@ -54,7 +54,8 @@ def init_ray(cfg: RayConfig, *, dashboard: bool = False) -> None:
     ctx.enable_progress_bars = cfg.data_progress_bars
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -104,11 +104,12 @@ def resolve_llm_config(
         loading["model_source"] = found
     source = loading.get("model_source") or mid
     if isinstance(source, str) and not is_cloud_uri(source):
-        # A hub id whose weights ship in a package (all-MiniLM-L6-v2) runs offline.
-        source = loading["model_source"] = resolve_model_path(source)
-    if isinstance(source, str) and not is_cloud_uri(source) and Path(source).expanduser().exists():
-        # Replicas do not share the builder's working directory.
-        source = loading["model_source"] = str(Path(source).expanduser().resolve())
+        # A hub id whose weights ship in a package (all-MiniLM-L6-v2) runs offline; a local
+        # folder is made absolute, as replicas do not share the builder's working directory.
+        source = resolve_model_path(source)
+        if Path(source).exists():
+            source = str(Path(source).resolve())
+        loading["model_source"] = source
 
     engine = raw.setdefault("engine_kwargs", {})
     local = None
