@@ -20,7 +20,7 @@ RAY_NUM_CPUS ?= $(shell nproc)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve tune-demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train bench-tune bench-serve
+.PHONY: setup demo serve serve-rag serve-agent tune-demo test test-fast lint cluster-up cluster-down clean help bench-dedup bench-filters bench-embed bench-train bench-tune bench-serve bench-rag
 
 help:
 	@sed -n '1,3p' Makefile | sed 's/^# //'
@@ -92,6 +92,23 @@ serve: setup models/tiny-llama/tiny_model.json
 	@echo '(the Authorization header only when LLM_API_KEY was set for make serve)'
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/serve run serve_configs/llm-cpu.yaml
 
+# RAG over the demo's index (outputs/index, from make demo) with citations, beside the LLM app:
+# serve_configs/rag-cpu.yaml (apps llm at / and rag at /rag). Ctrl-C stops it.
+serve-rag: setup models/tiny-llama/tiny_model.json
+	@test -f outputs/index/index.json || { echo "serve-rag searches the demo's index: run make demo first"; exit 1; }
+	@echo 'Once /rag/ready answers (about a minute):'
+	@echo '  curl http://127.0.0.1:8000/rag/v1/chat/completions -H "Content-Type: application/json" \'
+	@echo '    -d '"'"'{"model": "demo-llm", "messages": [{"role": "user", "content": "How do I compare two sequences?"}]}'"'"
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/serve run serve_configs/rag-cpu.yaml
+
+# The LLM, RAG and LangGraph agent apps together: serve_configs/agent-cpu.yaml (agent at /agent).
+serve-agent: setup models/tiny-llama/tiny_model.json
+	@test -f outputs/index/index.json || { echo "serve-agent searches the demo's index: run make demo first"; exit 1; }
+	@echo 'Once /agent/ready answers (about a minute):'
+	@echo '  curl http://127.0.0.1:8000/agent/threads/t1/runs -H "Content-Type: application/json" \'
+	@echo '    -d '"'"'{"message": "What is 17 * 23?", "tools": ["calculator"]}'"'"
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/serve run serve_configs/agent-cpu.yaml
+
 # The optional sweep of the demo (make demo TUNE=1, or make tune-demo after make demo): Ray Tune
 # over LoRA rank, alpha, dropout, target modules, learning rate and warmup, 6 trials of the SFT
 # above, 2 at a time, ASHA stopping the worst on eval loss. About 3 minutes on 2 cores.
@@ -116,6 +133,9 @@ bench-tune: setup
 
 bench-serve: setup
 	$(PY) bench/serve_bench.py
+
+bench-rag: setup
+	$(PY) bench/rag_bench.py
 
 bench-embed: setup
 	$(PY) bench/embed_bench.py

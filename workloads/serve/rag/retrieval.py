@@ -1,5 +1,5 @@
 """Hybrid retrieval: dense (the FAISS index the embed jobs build) and lexical (BM25 over the same
-chunks, with bm25s), fused by reciprocal rank.
+chunks, with bm25s), fused by reciprocal rank, then optionally reranked by a cross-encoder.
 
     from workloads.embed.index import VectorIndex
     retriever = HybridRetriever(VectorIndex.load("outputs/index"))
@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from workloads.embed.models import resolve_model_path
 
 RRF_K = 60
 Mode = Literal["dense", "lexical", "hybrid"]
@@ -59,20 +61,25 @@ class RetrievedChunk:
 
 
 class LexicalIndex:
-    """BM25 (bm25s, Lucene's variant: k1 1.5, b 0.75) over the index rows' chunk texts, English
-    stopwords removed, lowercased."""
+    """BM25 (bm25s, Lucene's variant: k1 1.5, b 0.75) over the index rows' chunk texts:
+    lowercased, English stopwords removed, and Snowball-stemmed (PyStemmer), so "sorting" in a
+    question matches "sorts" in a document. bm25s's own benchmarks and Lucene's English analyzer
+    stem too; on this repo's question set it lifts BM25's recall@5 from 0.67 to 0.72 (bench/)."""
 
-    def __init__(self, texts: Sequence[str]):
+    def __init__(self, texts: Sequence[str], *, stem: bool = True):
         import bm25s
 
         self._bm25s = bm25s
+        self._stemmer = _english_stemmer() if stem else None
         self.size = len(texts)
         self.model = bm25s.BM25()
         if self.size:
             self.model.index(self._tokens(list(texts)), show_progress=False)
 
     def _tokens(self, texts: list[str]):
-        return self._bm25s.tokenize(texts, stopwords="en", show_progress=False)
+        return self._bm25s.tokenize(
+            texts, stopwords="en", stemmer=self._stemmer, show_progress=False
+        )
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """(row, BM25 score) best first; rows without any query term are left out."""
@@ -86,14 +93,51 @@ class LexicalIndex:
         return [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if s > 0]
 
 
-class HybridRetriever:
-    """Dense and lexical candidates (`candidates` each), fused by RRF, the top k returned."""
+def _english_stemmer():
+    import Stemmer
 
-    def __init__(self, index, *, candidates: int = 50, rrf_k: int = RRF_K, device: str = "cpu"):
+    return Stemmer.Stemmer("english")
+
+
+class Reranker:
+    """A sentence-transformers CrossEncoder that scores (query, chunk) pairs: a local folder (one
+    fine-tuned here, or built from a BERT-style model) or a hub id on clusters, e.g.
+    cross-encoder/ms-marco-MiniLM-L6-v2."""
+
+    def __init__(self, model: str, *, top_n: int = 20, device: str = "cpu", batch_size: int = 32):
+        from sentence_transformers import CrossEncoder
+
+        self.model = CrossEncoder(resolve_model_path(model), device=device)
+        self.top_n = top_n
+        self.batch_size = batch_size
+
+    def scores(self, query: str, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        out = self.model.predict(
+            [(query, t) for t in texts], batch_size=self.batch_size, show_progress_bar=False
+        )
+        return [float(s) for s in np.asarray(out).reshape(len(texts), -1)[:, -1]]
+
+
+class HybridRetriever:
+    """Dense and lexical candidates (`candidates` each), fused by RRF, optionally reranked by a
+    cross-encoder (its `top_n` best fused rows), the top k returned."""
+
+    def __init__(
+        self,
+        index,
+        *,
+        candidates: int = 50,
+        rrf_k: int = RRF_K,
+        device: str = "cpu",
+        reranker: Reranker | None = None,
+    ):
         self.index = index
         self.candidates = candidates
         self.rrf_k = rrf_k
         self.device = device
+        self.reranker = reranker
         self.lexical = LexicalIndex(index.ids.column("text").to_pylist())
 
     def dense(self, query: str, k: int) -> list[tuple[int, float]]:
@@ -119,6 +163,11 @@ class HybridRetriever:
             )
         else:
             ranked = dense or lexical
+        if self.reranker is not None and ranked:
+            pool = [row for row, _ in ranked[: max(k, self.reranker.top_n)]]
+            texts = self.index.ids.take(pool).column("text").to_pylist()
+            scored = self.reranker.scores(query, texts)
+            ranked = sorted(zip(pool, scored, strict=True), key=lambda item: -item[1])
         rows = [row for row, _ in ranked[:k]]
         records = self.index.ids.take(rows).to_pylist() if rows else []
         return [

@@ -1,0 +1,1 @@
+"""LangGraph agents on Ray Serve: tools (retrieval, calculator, MCP), a supervisor, durable threads."""
