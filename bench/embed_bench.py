@@ -31,7 +31,7 @@ from workloads.common.config import load_config  # noqa: E402
 from workloads.data.sample import build  # noqa: E402
 from workloads.embed.embedding import EmbedConfig, autocast, cpu_supports_bf16, run  # noqa: E402
 from workloads.embed.models import load_sentence_transformer  # noqa: E402
-from workloads.embed.schema import embedding_matrix  # noqa: E402
+from workloads.embed.schema import embedding_matrix, embedding_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -80,8 +80,12 @@ def main() -> None:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ray.shutdown()  # the reference runs alone on the machine
 
-    table = pq.read_table(out / "embeddings", columns=["text", "embedding", "n_tokens"])
-    texts = table["text"].to_pylist()
+    table = pq.read_table(out / "embeddings", columns=["text", "title", "embedding", "n_tokens"])
+    # What the job's encoder read: the title (chunk.title_field) before the chunk's text.
+    texts = [
+        embedding_text(title, text)
+        for title, text in zip(table["title"].to_pylist(), table["text"].to_pylist(), strict=True)
+    ]
     job_vectors = embedding_matrix(table)
     n = len(texts)
 

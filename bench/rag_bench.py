@@ -464,10 +464,14 @@ def section(results: dict) -> str:
         f"Retrieval: {d['questions']} hand-written questions (bench/data/rag_questions.jsonl, each "
         f"with the verbatim evidence it needs) over the whole sample corpus: {d['documents']} "
         f"documents, {d['chunks']} chunks of {d['chunk']['size_tokens']} tokens "
-        f"({d['chunk']['overlap_tokens']} overlap), {d['model']} in an exact FAISS index, BM25 "
+        f"({d['chunk']['overlap_tokens']} overlap), each embedded and BM25-indexed after its "
+        f"document's title (`chunk.title_field: {d['chunk'].get('title_field')}`, the module "
+        "name the sample's records carry; many questions name the module, as users do), "
+        f"{d['model']} in an exact FAISS index, BM25 "
         f"(bm25s, English stopwords and Snowball stemming), hybrid = reciprocal-rank fusion "
         f"(k={r['settings']['rrf_k']}) of {r['settings']['candidates']} candidates from each. "
-        "A hit is a chunk holding the evidence.",
+        "A hit is a chunk holding the evidence. Without titles (the same questions, measured "
+        "while building this): recall@5 0.828 dense, 0.719 BM25, 0.844 hybrid.",
         "",
         table(r["modes"]),
         "",

@@ -84,6 +84,7 @@ def embed_output(sample_corpus, tmp_path_factory, minilm):
             "start": [0, 0, 0],
             "end": [0, 0, 0],
             "n_tokens": pa.array([0, 0, 0], pa.int32()),
+            "title": [None, None, "a title"],
             "embedding": [None, np.full(dim, np.nan, np.float32), vectors[1]],
         },
         schema=embedding_schema(dim),
@@ -91,10 +92,11 @@ def embed_output(sample_corpus, tmp_path_factory, minilm):
     pq.write_table(
         pa.concat_tables([table.slice(half), bad]), out / "embeddings/part-00001.parquet"
     )
-    # A file whose writer used a variable-length list: one vector is too short.
+    # A file whose writer used a variable-length list: one vector is too short. It is also an
+    # older embeddings file, without the `title` column.
     short = (
         bad.slice(0, 1)
-        .drop_columns(["embedding"])
+        .drop_columns(["embedding", "title"])
         .append_column("embedding", pa.array([[0.1] * (dim - 1)], pa.list_(pa.float32())))
     )
     short = short.set_column(1, "chunk_id", pa.array(["bad-short#0"]))

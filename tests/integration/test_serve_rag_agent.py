@@ -174,7 +174,19 @@ def test_rag_chat_through_the_openai_client_carries_citations(served, rag_client
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks[1:] if c.choices)
     assert streamed == reply.choices[0].message.content
 
-    from openai import BadRequestError, NotFoundError
+    from openai import APIStatusError, BadRequestError, NotFoundError
+
+    # the engine's own errors come back as HTTP errors, not a 200 without choices
+    with pytest.raises(BadRequestError):
+        rag_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=5000
+        )
+    with pytest.raises(APIStatusError) as unknown_adapter:
+        rag_client.chat.completions.create(
+            model=f"{MODEL}:no-such-adapter", messages=[{"role": "user", "content": question}]
+        )
+    assert unknown_adapter.value.status_code == 404
+    assert _post(served, "/rag/v1/chat/completions", {"model": MODEL, "messages": ["hi"]})[0] == 400
 
     with pytest.raises(NotFoundError):
         rag_client.chat.completions.create(

@@ -113,6 +113,30 @@ def test_calculator_parses_arithmetic_and_refuses_everything_else():
         with pytest.raises(ToolException):
             calculate(bad)
     assert asyncio.run(calculator_tool().ainvoke({"expression": "17*23"})) == "391"
+    assert calculate("round(2.675, 2)") == 2.67 and calculate("round(1234.5, -2)") == 1200.0
+    for blowup in ["round(1, -10**9)", "round(1, 2.5)", "10**1000", "exp(10000)"]:
+        with pytest.raises(ToolException):
+            calculate(blowup)
+
+
+def test_history_is_trimmed_to_whole_recent_turns_and_dangling_calls_are_closed():
+    from langchain_core.messages import HumanMessage
+
+    from workloads.serve.agent.graph import answer_dangling_calls, model_view
+
+    old = [HumanMessage("x " * 400), AIMessage("y " * 400)]
+    turn = [
+        HumanMessage("now"),
+        call("calculator", {"expression": "1"}),
+        ToolMessage("1", tool_call_id="c0-calculator"),
+    ]
+    view = model_view([*old, *turn], Limits(max_history_tokens=100))
+    assert view == turn  # the long old turn is left out, the current one kept whole
+    assert model_view(old[:1], Limits(max_history_tokens=100)) == old[:1]  # never empty
+    cut = [HumanMessage("q"), call("calculator", {"expression": "1"}, 5)]
+    (closed,) = answer_dangling_calls(cut)
+    assert closed.tool_call_id == "c5-calculator" and closed.status == "error"
+    assert answer_dangling_calls(turn) == [] and new_run("again", [], cut)["messages"][0] == closed
 
 
 def test_tool_call_then_answer():
@@ -188,7 +212,8 @@ def test_limits_stop_runaway_tool_calls_and_steps():
     state = run(graph, "count", ["calculator"])
     assert state["stop_reason"] == "max_tool_calls" and final_answer(state) == "stopped"
     assert [m.status for m in tool_messages(state)] == ["success"] * 3 + ["error"]
-    assert model.bound[-1:] != [[]] and len(model.seen) == 5  # the last call had no tools bound
+    # five model calls, the last (after the limit) without tools bound
+    assert len(model.seen) == 5 and len(model.bound) == 4
 
     model = ScriptedChatModel(script=[*loop[:3], call("calculator", {"expression": "1"}, 99)])
     state = run(

@@ -155,3 +155,34 @@ def test_bad_configs_name_the_key():
         load_config(EmbedConfig, None, [*base, "encoder.precision=int4"])
     with pytest.raises(ConfigError, match="actors.num_cpu"):
         load_config(EmbedConfig, None, [*base, "actors.num_cpu=1"])
+
+
+def test_the_title_field_rides_along_every_chunk_but_not_in_its_text():
+    import json
+
+    from workloads.embed.schema import embedding_text
+
+    cfg = ChunkConfig(size_tokens=8, overlap_tokens=2, title_field="title", max_title_tokens=6)
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    rows = chunk_batch(
+        docs(
+            {"text": text, "meta": json.dumps({"title": "difflib  helpers"})},
+            {"text": text, "meta": json.dumps({"title": "a b c d e f g"})},
+            {"text": text, "meta": json.dumps({"other": 1})},
+            {"text": text},
+        ),
+        tokenizer=tokenizer(),
+        cfg=cfg,
+    ).to_pylist()
+    titles = {}
+    for r in rows:
+        assert text[r["start"] : r["end"]] == r["text"]  # offsets unchanged by the title
+        titles.setdefault(r["doc_id"], set()).add(r["title"])
+    assert titles == {"d0": {"difflib helpers"}, "d1": {"a b c d e f"}, "d2": {None}, "d3": {None}}
+    assert embedding_text("difflib", "x") == "difflib\n\nx" and embedding_text(None, "x") == "x"
+    untitled = chunk_batch(
+        docs({"text": text, "meta": json.dumps({"title": "t"})}),
+        tokenizer=tokenizer(),
+        cfg=ChunkConfig(size_tokens=8, overlap_tokens=2),
+    )
+    assert set(untitled["title"].to_pylist()) == {None}  # no title_field: no title

@@ -63,6 +63,7 @@ def _ids(n: int) -> pa.Table:
             "text": [f"text {i}" for i in range(n)],
             "start": [0] * n,
             "end": [7] * n,
+            "title": [None] * n,
         },
         schema=IDS_SCHEMA,
     )

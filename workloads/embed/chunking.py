@@ -17,6 +17,8 @@ was rejected by the reader or that yields no chunk, so every document read is ac
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 from pydantic import Field, model_validator
 
@@ -52,6 +54,19 @@ class ChunkConfig(StrictModel):
         ge=0,
         description="Tokens each chunk shares with the previous one, so a sentence cut at a "
         "boundary is whole in one of the two.",
+    )
+    title_field: str | None = Field(
+        default=None,
+        description="A field of the input records (kept in `meta` by the reader) holding the "
+        "document's title. It is embedded before every chunk of the document (and indexed by the "
+        "RAG app's BM25) but is not part of the chunk's text or offsets. null: no title.",
+    )
+    max_title_tokens: int = Field(
+        default=32,
+        ge=1,
+        le=128,
+        description="Longer titles are cut to this many tokens; size_tokens + this must fit in "
+        "the model's max_seq_length (checked before any work starts).",
     )
     max_doc_chars: int = Field(
         default=1_000_000,
@@ -107,10 +122,30 @@ class _Rows:
         return pa.Table.from_pydict(self.cols, schema=CHUNK_SCHEMA)
 
 
+def document_title(meta: str | None, cfg: ChunkConfig, tokenizer) -> str | None:
+    """The title field of a document's `meta` JSON, cut to max_title_tokens; None when it has no
+    string title (or no title_field is configured)."""
+    if cfg.title_field is None or not meta:
+        return None
+    try:
+        title = json.loads(meta).get(cfg.title_field)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(title, str) or not title.strip():
+        return None
+    title = " ".join(title.split())
+    offsets = tokenizer.encode(title, add_special_tokens=False).offsets
+    if len(offsets) > cfg.max_title_tokens:
+        title = title[: offsets[cfg.max_title_tokens - 1][1]]
+    return title
+
+
 def chunk_batch(batch: pa.Table, *, tokenizer, cfg: ChunkConfig) -> pa.Table:
     """Canonical document rows -> CHUNK_SCHEMA rows. Pure given the tokenizer: no Ray."""
     rows = _Rows()
-    docs = batch.select(["id", "text", "source", "line", "reject_reason", "raw"]).to_pylist()
+    docs = batch.select(
+        ["id", "text", "meta", "source", "line", "reject_reason", "raw"]
+    ).to_pylist()
     good = [d for d in docs if d["reject_reason"] is None]
     texts = [d["text"][: cfg.max_doc_chars] for d in good]
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
@@ -136,6 +171,7 @@ def chunk_batch(batch: pa.Table, *, tokenizer, cfg: ChunkConfig) -> pa.Table:
                 continue
             spans.append((start, end, last - first))
         common = {"doc_id": d["id"], "source": d["source"], "line": d["line"]}
+        title = document_title(d["meta"], cfg, tokenizer)
         if not spans:
             rows.add(
                 **common,
@@ -155,6 +191,7 @@ def chunk_batch(batch: pa.Table, *, tokenizer, cfg: ChunkConfig) -> pa.Table:
                 start=start,
                 end=end,
                 n_tokens=n,
+                title=title,
                 doc_truncated=truncated if first_row else None,
                 empty_chunks=empty if first_row else None,
             )

@@ -46,6 +46,7 @@ from workloads.embed.schema import (
     EMBEDDING_INFO_FILE,
     EmbeddingInfo,
     embedding_schema,
+    embedding_text,
     vectors_to_arrow,
 )
 
@@ -252,7 +253,12 @@ class Embedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        texts = batch["text"].to_pylist()
+        texts = [
+            embedding_text(title, text)
+            for title, text in zip(
+                batch["title"].to_pylist(), batch["text"].to_pylist(), strict=True
+            )
+        ]
         order = length_order(texts)
         with torch.inference_mode(), autocast(self.device, self.precision):
             vectors = self.model.encode(
@@ -281,11 +287,14 @@ def _model_facts(cfg: EmbedConfig) -> tuple[int, int | None, object]:
     special = (
         tokenizer.post_processor.num_special_tokens_to_add(False) if tokenizer.post_processor else 0
     )
-    if max_seq is not None and cfg.chunk.size_tokens + special > max_seq:
+    # A title takes up to max_title_tokens, plus about one for the blank line after it.
+    title = cfg.chunk.max_title_tokens + 1 if cfg.chunk.title_field else 0
+    if max_seq is not None and cfg.chunk.size_tokens + special + title > max_seq:
         raise JobFailed(
-            f"chunk.size_tokens = {cfg.chunk.size_tokens} plus {special} special tokens exceeds "
-            f"the max_seq_length {max_seq} of {cfg.encoder.model}: the encoder would truncate "
-            f"every full chunk; set chunk.size_tokens <= {max_seq - special}"
+            f"chunk.size_tokens = {cfg.chunk.size_tokens} plus {special} special tokens"
+            + (f" and {title} for the title (chunk.max_title_tokens + 1)" if title else "")
+            + f" exceeds the max_seq_length {max_seq} of {cfg.encoder.model}: the encoder would "
+            f"truncate every full chunk; set chunk.size_tokens <= {max_seq - special - title}"
         )
     return dim, max_seq, tokenizer
 

@@ -73,6 +73,7 @@ IDS_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("start", pa.int64()),
         ("end", pa.int64()),
+        ("title", pa.string()),  # null in indexes built before titles, and for untitled docs
     ]
 )
 REJECTS_SCHEMA = pa.schema(
@@ -648,6 +649,7 @@ class Hit:
     start: int
     end: int
     row: int  # the vector's id in the index and its row in ids.parquet
+    title: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -794,7 +796,13 @@ def _batches(fs: pafs.FileSystem, files: list[str], columns: list[str], batch_si
     for path in files:
         with fs.open_input_file(path) as f:
             offset = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+            parquet = pq.ParquetFile(f)
+            # Embeddings written before titles existed have no `title`: read it as nulls.
+            missing = [c for c in columns if c == "title" and c not in parquet.schema_arrow.names]
+            present = [c for c in columns if c not in missing]
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
+                for name in missing:
+                    batch = batch.append_column(name, pa.nulls(batch.num_rows, pa.string()))
                 yield path, offset, batch
                 offset += batch.num_rows
 

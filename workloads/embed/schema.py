@@ -29,7 +29,16 @@ EMBEDDING_COLUMNS = [
     pa.field("start", pa.int64()),
     pa.field("end", pa.int64()),
     pa.field("n_tokens", pa.int32()),
+    # The document's title (chunk.title_field), embedded before the chunk's text but not part of
+    # it: a chunk cut from the middle of a page still says what the page is about.
+    pa.field("title", pa.string()),
 ]
+
+
+def embedding_text(title: str | None, text: str) -> str:
+    """What the encoder reads for a chunk: its document's title, a blank line, the chunk
+    (Haystack's `meta_fields_to_embed`, LlamaIndex's metadata in the embedded text)."""
+    return f"{title}\n\n{text}" if title else text
 
 
 def embedding_schema(dimension: int) -> pa.Schema:
@@ -65,6 +74,7 @@ def embeddings_table(
     vectors: np.ndarray,
     chunk_indexes: list[int] | None = None,
     n_tokens: list[int] | None = None,
+    titles: list[str | None] | None = None,
 ) -> pa.Table:
     """Build an embeddings table (for tests and small tools; the job builds its own batches)."""
     n = len(doc_ids)
@@ -81,6 +91,7 @@ def embeddings_table(
             pa.array(starts, pa.int64()),
             pa.array(ends, pa.int64()),
             pa.array(n_tokens, pa.int32()),
+            pa.array(titles if titles is not None else [None] * n, pa.string()),
             vectors_to_arrow(vectors),
         ],
         schema=embedding_schema(vectors.shape[1]),

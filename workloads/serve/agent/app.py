@@ -66,13 +66,23 @@ async def open_checkpointer(cfg: CheckpointerConfig):
             "checkpointer.kind postgres needs the postgres extra: "
             "pip install 'llm-ray-workloads[postgres]'"
         ) from None
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
     dsn = os.environ.get(cfg.dsn_env)
     if not dsn:
         raise RuntimeError(f"checkpointer.kind postgres: ${cfg.dsn_env} is empty in this replica")
-    manager = AsyncPostgresSaver.from_conn_string(dsn)
-    saver = await manager.__aenter__()
+    # A pool (reconnects after a database restart), with the connection settings the saver needs.
+    pool = AsyncConnectionPool(
+        dsn,
+        max_size=8,
+        open=False,
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+    )
+    await pool.open()
+    saver = AsyncPostgresSaver(pool)
     await saver.setup()
-    return saver, lambda: manager.__aexit__(None, None, None)
+    return saver, pool.close
 
 
 def message_json(message: BaseMessage) -> dict[str, Any]:
@@ -110,7 +120,9 @@ def agent_server_cls(app: FastAPI):
                 max_steps=self.cfg.limits.max_steps,
                 max_tool_calls=self.cfg.limits.max_tool_calls,
                 tool_timeout_s=self.cfg.limits.tool_timeout_s,
+                max_history_tokens=self.cfg.limits.max_history_tokens,
             )
+            self._busy: set[str] = set()  # threads with a run in progress on this replica
             self._start_lock = asyncio.Lock()
             self.graph = None
             self.tools: dict[str, Any] = {}
@@ -127,17 +139,22 @@ def agent_server_cls(app: FastAPI):
         async def _start(self) -> None:
             from langchain_openai import ChatOpenAI
 
+            # The checkpointer first: if it cannot open, no MCP server has been started for nothing.
+            saver, self._close = await open_checkpointer(self.cfg.checkpointer)
             tools = []
             if self.cfg.calculator:
                 tools.append(calculator_tool())
             if self.cfg.retriever is not None:
                 ref = self.cfg.retriever
-                handle = serve.get_deployment_handle(ref.deployment, app_name=ref.app)
-                tools.append(retrieval_tool(lambda q, k: handle.retrieve.remote(q, k)))
+                handle = serve.get_deployment_handle(
+                    ref.deployment, app_name=ref.app, _check_exists=False
+                )
+                tools.append(
+                    retrieval_tool(lambda q, k: handle.retrieve.remote(q, k), default_k=ref.k)
+                )
             if self.cfg.mcp_servers:
                 tools += await self._mcp_tools()
             self.tools = {t.name: t for t in tools}
-            saver, self._close = await open_checkpointer(self.cfg.checkpointer)
             llm = self.cfg.llm
             model = ChatOpenAI(
                 base_url=llm.base_url,
@@ -196,7 +213,10 @@ def agent_server_cls(app: FastAPI):
 
         @app.get("/tools")
         async def list_tools(self):
-            await self._started()
+            try:
+                await self._started()
+            except Exception as exc:  # noqa: BLE001
+                return _error(503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready")
             defaults = set(self._default_tools())
             return {
                 "tools": [
@@ -208,7 +228,16 @@ def agent_server_cls(app: FastAPI):
 
         @app.get("/threads/{thread_id}")
         async def thread(self, thread_id: str):
-            graph = await self._started()
+            if not THREAD_ID.match(thread_id):
+                return _error(
+                    400,
+                    "thread id: letters, digits and ._:- (at most 128)",
+                    "invalid_request_error",
+                )
+            try:
+                graph = await self._started()
+            except Exception as exc:  # noqa: BLE001
+                return _error(503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready")
             state = await graph.aget_state({"configurable": {"thread_id": thread_id}})
             if not state.values:
                 return _error(404, f"no thread {thread_id!r}", "not_found")
@@ -268,12 +297,27 @@ def agent_server_cls(app: FastAPI):
                 "configurable": {"thread_id": thread_id},
                 "recursion_limit": recursion_limit(self.limits),
             }
-            state_in = new_run(message, allowed)
+            # One run at a time per thread (on this replica; route a thread's requests to one
+            # replica, or use Postgres' own locking, for more): two at once would fork its history.
+            if thread_id in self._busy:
+                return _error(409, f"thread {thread_id!r} has a run in progress", "conflict")
+            self._busy.add(thread_id)
+            try:
+                history = await self._history(graph, config)
+            except Exception:
+                self._busy.discard(thread_id)
+                raise
+            state_in = new_run(message, allowed, history)
             if body.get("stream"):
                 return StreamingResponse(
                     self._stream(graph, state_in, config, thread_id), media_type="text/event-stream"
                 )
-            before = await self._message_count(graph, config)
+            try:
+                return await self._invoke(graph, state_in, config, thread_id, allowed, len(history))
+            finally:
+                self._busy.discard(thread_id)
+
+        async def _invoke(self, graph, state_in, config, thread_id, allowed, before):
             try:
                 state = await asyncio.wait_for(
                     graph.ainvoke(state_in, config), self.cfg.limits.request_timeout_s
@@ -297,9 +341,9 @@ def agent_server_cls(app: FastAPI):
                 "messages": [message_json(m) for m in state["messages"][before:]],
             }
 
-        async def _message_count(self, graph, config) -> int:
+        async def _history(self, graph, config) -> list:
             state = await graph.aget_state(config)
-            return len(state.values.get("messages", [])) if state.values else 0
+            return list(state.values.get("messages", [])) if state.values else []
 
         async def _stream(self, graph, state_in, config, thread_id: str):
             """SSE: `token` (model output as it is generated), `step` (each node's new messages:
@@ -346,6 +390,8 @@ def agent_server_cls(app: FastAPI):
                 yield _sse(
                     "error", {"message": f"{type(exc).__name__}: {exc}", "type": "agent_error"}
                 )
+            finally:
+                self._busy.discard(thread_id)
             yield "data: [DONE]\n\n"
 
     return AgentServer

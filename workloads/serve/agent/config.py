@@ -32,7 +32,12 @@ class ChatModelConfig(StrictModel):
 class RetrieverRef(StrictModel):
     app: str = Field(default="rag", description="The Serve app that runs the RAG Retriever.")
     deployment: str = Field(default="Retriever")
-    k: int = Field(default=4, ge=1, le=10)
+    k: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        description="Passages per search, unless the model asks for another number.",
+    )
 
 
 class LimitsConfig(StrictModel):
@@ -40,6 +45,13 @@ class LimitsConfig(StrictModel):
     max_tool_calls: int = Field(default=8, ge=0, description="Tool calls per request.")
     tool_timeout_s: float = Field(default=30.0, gt=0, description="Per tool call.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Per request, all steps.")
+    max_history_tokens: int = Field(
+        default=6000,
+        ge=100,
+        description="The most recent turns of a thread, up to about this many tokens, are shown "
+        "to the model (the thread keeps everything). Leave room for the tools' schemas and "
+        "llm.max_tokens in the model's context.",
+    )
 
 
 class CheckpointerConfig(StrictModel):

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    trim_messages,
+)
+from langchain_core.messages.utils import count_tokens_approximately
 from langchain_core.tools import BaseTool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
@@ -59,9 +67,42 @@ SUPERVISOR_PROMPT = (
 
 @dataclass(frozen=True)
 class Limits:
-    max_steps: int = 12  # model calls per run, supervisor included
+    # Model calls per run that may call tools, supervisor included; when they are used up the
+    # model is called once more, without tools, for the answer.
+    max_steps: int = 12
     max_tool_calls: int = 8  # tool calls per run
     tool_timeout_s: float = 30.0
+    # Of the thread's history, the most recent turns up to about this many tokens are shown to
+    # the model (the thread itself keeps everything), so a long thread never outgrows the context.
+    max_history_tokens: int = 6000
+
+
+def model_view(messages: Sequence[BaseMessage], limits: Limits) -> list[BaseMessage]:
+    """The recent part of the thread the model sees: whole turns (starting at a user message, so
+    tool calls keep their results), about max_history_tokens; at least the current turn."""
+    kept = trim_messages(
+        messages,
+        max_tokens=limits.max_history_tokens,
+        token_counter=count_tokens_approximately,
+        strategy="last",
+        start_on="human",
+        allow_partial=False,
+    )
+    if kept:
+        return kept
+    last_human = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=0)
+    return list(messages[last_human:])
+
+
+def answer_dangling_calls(messages: Sequence[BaseMessage]) -> list[ToolMessage]:
+    """Error results for tool calls of the thread's last AI message that never got one (a run
+    cut off by a timeout or a dropped client), which chat APIs refuse to continue from."""
+    if not messages or not isinstance(messages[-1], AIMessage) or not messages[-1].tool_calls:
+        return []
+    return [
+        _error_message(c, "not run: the previous request ended first")
+        for c in messages[-1].tool_calls
+    ]
 
 
 class AgentState(MessagesState):
@@ -72,11 +113,14 @@ class AgentState(MessagesState):
     next: str | None
 
 
-def new_run(message: str, allowed: Sequence[str]) -> dict[str, Any]:
+def new_run(
+    message: str, allowed: Sequence[str], history: Sequence[BaseMessage] = ()
+) -> dict[str, Any]:
     """The input of one run on a thread: the user's message, this request's tool allow-list,
-    and fresh per-run counters (the messages accumulate in the thread; the rest is per run)."""
+    and fresh per-run counters (the messages accumulate in the thread; the rest is per run).
+    `history` is the thread so far, to close tool calls an interrupted run left open."""
     return {
-        "messages": [HumanMessage(message)],
+        "messages": [*answer_dangling_calls(history), HumanMessage(message)],
         "allowed_tools": list(allowed),
         "steps": 0,
         "tool_calls": 0,
@@ -136,7 +180,9 @@ def _agent_loop(
             stop = "max_steps"
         allowed = [by_name[n] for n in state.get("allowed_tools") or [] if n in by_name]
         runnable = model.bind_tools(allowed) if allowed and not stop else model
-        reply = await runnable.ainvoke([SystemMessage(prompt), *state["messages"]])
+        reply = await runnable.ainvoke(
+            [SystemMessage(prompt), *model_view(state["messages"], limits)]
+        )
         reply.name = name
         update: dict[str, Any] = {"messages": [reply], "steps": state["steps"] + 1}
         if stop:
@@ -201,7 +247,7 @@ def _supervisor_graph(model, tools, limits: Limits) -> StateGraph:
         if state["steps"] >= limits.max_steps:
             return {"next": "finish", "stop_reason": state.get("stop_reason") or "max_steps"}
         reply = await model.bind_tools([Route]).ainvoke(
-            [SystemMessage(SUPERVISOR_PROMPT), *state["messages"]]
+            [SystemMessage(SUPERVISOR_PROMPT), *model_view(state["messages"], limits)]
         )
         choice = None
         for call in getattr(reply, "tool_calls", None) or []:
@@ -218,7 +264,9 @@ def _supervisor_graph(model, tools, limits: Limits) -> StateGraph:
         return {"next": choice, "steps": state["steps"] + 1}
 
     async def writer(state: AgentState) -> dict[str, Any]:
-        reply = await model.ainvoke([SystemMessage(WRITER_PROMPT), *state["messages"]])
+        reply = await model.ainvoke(
+            [SystemMessage(WRITER_PROMPT), *model_view(state["messages"], limits)]
+        )
         answer = AIMessage(content=reply.content, name="writer")  # the writer has no tools
         return {"messages": [answer], "steps": state["steps"] + 1}
 

@@ -40,11 +40,18 @@ _FUNCTIONS: dict[str, Callable[..., float]] = {
     "cos": math.cos,
     "tan": math.tan,
     "abs": abs,
-    "round": round,
+    "round": lambda x, ndigits=0: round(x, _ndigits(ndigits)),
     "min": min,
     "max": max,
 }
 _CONSTANTS = {"pi": math.pi, "e": math.e}
+
+
+def _ndigits(n):
+    # round(1, -10**9) builds 10**(10**9): bounded like the exponents below.
+    if not isinstance(n, int) or abs(n) > 15:
+        raise ToolException("round's digits must be an integer from -15 to 15")
+    return n
 
 
 def calculate(expression: str) -> float | int:
@@ -110,25 +117,28 @@ def calculator_tool() -> StructuredTool:
 
 class SearchArgs(BaseModel):
     query: str = Field(min_length=1, description="What to look for, in your own words.")
-    k: int = Field(default=4, ge=1, le=10, description="How many passages to return.")
+    k: int | None = Field(default=None, ge=1, le=10, description="How many passages to return.")
 
 
 RetrieveFn = Callable[[str, int], Awaitable[dict[str, Any]]]
 
 
-def retrieval_tool(retrieve: RetrieveFn) -> StructuredTool:
+def retrieval_tool(retrieve: RetrieveFn, default_k: int = 4) -> StructuredTool:
     """`search_documents`: the RAG app's hybrid retrieval. `retrieve(query, k)` returns the
     Retriever deployment's answer ({"chunks": [...], "chunks_in_index": n}); the model gets
     numbered passages with their doc ids, to cite."""
 
-    async def search_documents(query: str, k: int = 4) -> str:
-        found = await retrieve(query, k)
+    async def search_documents(query: str, k: int | None = None) -> str:
+        found = await retrieve(query, k or default_k)
         if not found["chunks_in_index"]:
             raise ToolException("the document index is empty: nothing can be searched yet")
         if not found["chunks"]:
             return "No passage matches."
         return "\n\n".join(
-            f"[{c['doc_id']} {c['start']}-{c['end']}]\n{c['text']}" for c in found["chunks"]
+            f"[{c['doc_id']} {c['start']}-{c['end']}]"
+            + (f" {c['title']}" if c.get("title") else "")
+            + f"\n{c['text']}"
+            for c in found["chunks"]
         )
 
     return StructuredTool.from_function(

@@ -35,6 +35,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+# The engine yields Ray's internal ErrorResponse; `ray.serve.llm.openai_api_models` only subclasses
+# it, so isinstance checks must use this one.
+from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse  # noqa: E402
+
 from workloads.serve.llm.ingress import ServingMiddleware, api_key_from_env
 from workloads.serve.rag.config import RAGAppConfig, parse_rag_args
 from workloads.serve.rag.prompt import build_prompt, last_user_text
@@ -43,6 +47,7 @@ from workloads.serve.rag.store import IndexStore, IngestDocument, Snapshot
 
 logger = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 60.0
+ADAPTER_CACHE_S = 30.0
 
 
 class Retriever:
@@ -156,6 +161,10 @@ class Retriever:
                     }
                 )
         async with self._lock:
+            # Catch up with segments other replicas wrote first, so their ids count as taken.
+            new = await asyncio.to_thread(self._refreshed)
+            if new is not None:
+                self._install(*new)
             report = await asyncio.to_thread(self.store.append, self.snapshot, docs)
             new = await asyncio.to_thread(self._refreshed)
             if new is not None:
@@ -195,9 +204,30 @@ def rag_ingress_cls(app: FastAPI):
                     f"require_api_key is set but ${self.cfg.api_key_env} is empty in this replica"
                 )
             self.retriever = retriever
+            # Not checked now: the LLM app may still be deploying (one serve config starts all
+            # apps at once); a call before it is up fails that request, not this replica.
             self._llm = serve.get_deployment_handle(
-                _llm_deployment_name(self.cfg.model), app_name=self.cfg.llm_app
+                _llm_deployment_name(self.cfg.model), app_name=self.cfg.llm_app, _check_exists=False
             )
+            # The LLM app's ingress knows which adapters exist (its /v1/models); asked once per
+            # adapter id and remembered for a while, so an unknown adapter is a 404 here too.
+            self._llm_ingress = serve.get_deployment_handle(
+                self.cfg.llm_ingress, app_name=self.cfg.llm_app, _check_exists=False
+            )
+            self._adapters_seen: dict[str, float] = {}
+
+        async def _adapter_served(self, model: str) -> bool:
+            if model == self.cfg.model:
+                return True
+            if (
+                time.monotonic() - self._adapters_seen.get(model, -ADAPTER_CACHE_S)
+                < ADAPTER_CACHE_S
+            ):
+                return True
+            card = await self._llm_ingress.model.remote(model)
+            if card is not None:
+                self._adapters_seen[model] = time.monotonic()
+            return card is not None
 
         def _llm_handle(self, model: str):
             handle = self._llm.options(stream=True)
@@ -212,7 +242,7 @@ def rag_ingress_cls(app: FastAPI):
 
         @app.get("/ready")
         async def ready(self):
-            from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
+            from ray.serve.llm.openai_api_models import CompletionRequest
 
             try:
                 stats = await asyncio.wait_for(self.retriever.stats.remote(), READY_TIMEOUT_S)
@@ -245,7 +275,10 @@ def rag_ingress_cls(app: FastAPI):
             problem = _check_retrieval_args(query, k, mode, self.cfg)
             if problem:
                 return _error(400, problem, "invalid_request_error")
-            found = await self.retriever.retrieve.remote(query, k, mode)
+            try:
+                found = await self.retriever.retrieve.remote(query, k, mode)
+            except Exception as exc:  # noqa: BLE001 - a failing retriever is one failed request
+                return _call_error("retriever", exc)
             if not found["chunks_in_index"]:
                 return self._empty()
             chunks = [
@@ -281,15 +314,21 @@ def rag_ingress_cls(app: FastAPI):
                     f"{len(docs)} documents; at most {self.cfg.ingest.max_documents} per request",
                     "invalid_request_error",
                 )
-            return await self.retriever.ingest.remote(docs)
+            try:
+                return await self.retriever.ingest.remote(docs)
+            except Exception as exc:  # noqa: BLE001
+                return _call_error("ingest", exc)
 
         @app.post("/reload")
         async def reload(self):
-            return await self.retriever.reload.remote()
+            try:
+                return await self.retriever.reload.remote()
+            except Exception as exc:  # noqa: BLE001
+                return _call_error("reload", exc)
 
         @app.post("/v1/chat/completions")
         async def chat(self, request: Request):
-            from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+            from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
             body = await _json_object(request)
             if isinstance(body, JSONResponse):
@@ -307,11 +346,22 @@ def rag_ingress_cls(app: FastAPI):
                     "or its adapters",
                     "NotFoundError",
                 )
-            query = (
-                last_user_text(body.get("messages") or [])
-                if isinstance(body.get("messages"), list)
-                else None
-            )
+            try:
+                served = await self._adapter_served(model)
+            except Exception as exc:  # noqa: BLE001
+                return _call_error("LLM app", exc)
+            if not served:
+                return _error(
+                    404,
+                    f"model {model!r}: the {self.cfg.llm_app!r} app serves no such adapter",
+                    "NotFoundError",
+                )
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                return _error(
+                    400, "`messages` must be a list of message objects", "invalid_request_error"
+                )
+            query = last_user_text(messages)
             if not query or not query.strip():
                 return _error(
                     400,
@@ -322,9 +372,12 @@ def rag_ingress_cls(app: FastAPI):
             if problem:
                 return _error(400, problem, "invalid_request_error")
 
-            found = await self.retriever.retrieve.remote(
-                query, options.get("k"), options.get("mode")
-            )
+            try:
+                found = await self.retriever.retrieve.remote(
+                    query, options.get("k"), options.get("mode")
+                )
+            except Exception as exc:  # noqa: BLE001
+                return _call_error("retriever", exc)
             if not found["chunks_in_index"]:
                 return self._empty()
             prompt = build_prompt(
@@ -346,28 +399,51 @@ def rag_ingress_cls(app: FastAPI):
                 )
                 return _error(400, where, "invalid_request_error")
 
+            # The first item decides the status, as in Ray's own ingress: an engine error (an
+            # unknown adapter, a prompt over the model length) is an HTTP error, not a stream.
             stream = self._llm_handle(model).chat.remote(req, None)
-            if not req.stream:
+            try:
                 first = await stream.__anext__()
+            except Exception as exc:  # noqa: BLE001
+                return _call_error("LLM", exc)
+            error = _engine_error(first)
+            if error is not None:
+                stream.cancel()
+                return _error(error.error.code, error.error.message, error.error.type)
+            if not req.stream:
                 first = first[0] if isinstance(first, list) else first
-                if isinstance(first, ErrorResponse):
-                    return _error(first.error.code, first.error.message, first.error.type)
                 out = first.model_dump(mode="json", exclude_none=True)
                 out["citations"] = prompt.citations
                 return out
             return StreamingResponse(
-                _sse_with_citations(stream, prompt.citations, model),
+                _sse_with_citations(first, stream, prompt.citations, model),
                 media_type="text/event-stream",
             )
 
     return RAGIngress
 
 
-async def _sse_with_citations(stream, citations: list[dict[str, Any]], model: str):
-    """The LLM's event stream, after a first chunk that has no choices and the citations (the
-    `usage` chunk of OpenAI's API has the same shape, so clients accept it)."""
-    from ray.serve.llm.openai_api_models import ErrorResponse
+def _engine_error(item) -> ErrorResponse | None:
+    for part in item if isinstance(item, list) else [item]:
+        if isinstance(part, ErrorResponse):
+            return part
+    return None
 
+
+def _call_error(what: str, exc: Exception) -> JSONResponse:
+    """A failed deployment call as a JSON error: an HTTPException raised over there (an unknown
+    adapter is a 404 from the adapter loader) keeps its status, anything else is a 502."""
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) and 400 <= status < 600 else 502
+    detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+    logger.warning("%s call failed: %s", what, detail)
+    return _error(status, f"{what}: {detail}", "upstream_error" if status == 502 else "error")
+
+
+async def _sse_with_citations(first, stream, citations: list[dict[str, Any]], model: str):
+    """The LLM's event stream (`first` item already read), after a first chunk that has no
+    choices and the citations (the `usage` chunk of OpenAI's API has the same shape, so clients
+    accept it). An error mid-stream ends it with an error event and [DONE]."""
     head = {
         "id": f"rag-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
@@ -377,13 +453,25 @@ async def _sse_with_citations(stream, citations: list[dict[str, Any]], model: st
         "citations": citations,
     }
     yield f"data: {json.dumps(head)}\n\n"
-    async for item in stream:
-        for part in item if isinstance(item, list) else [item]:
-            if isinstance(part, ErrorResponse):
-                yield f"data: {json.dumps({'error': part.error.model_dump(mode='json')})}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            yield part if isinstance(part, str) else f"data: {part.model_dump_json()}\n\n"
+
+    async def items():
+        yield first
+        async for item in stream:
+            yield item
+
+    try:
+        async for item in items():
+            for part in item if isinstance(item, list) else [item]:
+                if isinstance(part, ErrorResponse):
+                    yield f"data: {json.dumps({'error': part.error.model_dump(mode='json')})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield part if isinstance(part, str) else f"data: {part.model_dump_json()}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the client gets an error event, not a cut stream
+        logger.warning("RAG stream failed: %s", exc)
+        error = {"message": f"{type(exc).__name__}: {exc}", "type": "upstream_error", "code": 502}
+        yield f"data: {json.dumps({'error': error})}\n\n"
+        yield "data: [DONE]\n\n"
 
 
 async def _json_object(request: Request) -> dict[str, Any] | JSONResponse:

@@ -82,6 +82,10 @@ class RAGAppConfig(StrictModel):
     llm_app: str = Field(
         default="llm", description="Name of the Serve application that serves `model`."
     )
+    llm_ingress: str = Field(
+        default="ServingIngress",
+        description="The LLM app's ingress deployment, asked which adapters exist.",
+    )
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)

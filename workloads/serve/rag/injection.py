@@ -19,15 +19,18 @@ cluster) can replace `screen` behind the same interface.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 REMOVED = "[removed: text addressed to the assistant]"
 
 _PATTERNS = [
     # "ignore/disregard/forget (all) (the) previous/prior/above instructions/rules/prompts"
-    r"\b(ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(previous|prior|above|earlier|"
-    r"preceding|all|any|your|system)\b[^.!?\n]{0,20}\b(instructions?|rules|prompts?|directions|"
+    r"\b(ignore|disregard|forget|override|bypass)\b[^.!?]{0,40}\b(previous|prior|above|earlier|"
+    r"preceding|all|any|your|system)\b[^.!?]{0,20}\b(instructions?|rules|prompts?|directions|"
     r"guidelines|context)\b",
+    r"\b(ignore|disregard|forget)\s+(everything|anything|all)\s+(above|before|prior|previous|"
+    r"you were told)",
     # Role play or new instructions for the model.
     r"\b(you are now|from now on,? you|new instructions?:|act as (an?|the) (assistant|system))",
     r"\b(system prompt|developer message|jailbreak)\b",
@@ -38,7 +41,11 @@ _PATTERNS = [
     r"\b(call|invoke|use|run|execute|trigger)\s+(the\s+|a\s+|this\s+)?tools?\b",
 ]
 _REGEX = re.compile("|".join(f"(?:{p})" for p in _PATTERNS), re.IGNORECASE | re.MULTILINE)
-_SENTENCE = re.compile(r"[^.!?\n]*(?:[.!?]+|\n|$)")
+# Sentences end at . ! ? or a blank line; a single newline does not end one, so an instruction
+# wrapped over two lines is still one sentence.
+_SENTENCE = re.compile(r"(?:[^.!?\n]|\n(?!\s*\n))*(?:[.!?]+|\n\s*\n|$)")
+# Zero-width and format characters hide words from a pattern but not from a model.
+_INVISIBLE = dict.fromkeys(c for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf")
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,13 @@ class Screened:
 
 
 def screen(text: str) -> Screened:
-    """`text` with every sentence that matches an injection pattern replaced by REMOVED."""
+    """`text` with every sentence that matches an injection pattern replaced by REMOVED. Matching
+    sees the text NFKC-normalised and without invisible format characters (zero-width spaces),
+    as a model would read it; a flagged text is returned in that form."""
+    original = text
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
     if not _REGEX.search(text):
-        return Screened(text, False)
+        return Screened(original, False)
     matches: list[str] = []
     out: list[str] = []
     for sentence in _SENTENCE.findall(text):
@@ -59,9 +70,10 @@ def screen(text: str) -> Screened:
         if found:
             matches.append(found.group(0))
             lead = sentence[: len(sentence) - len(sentence.lstrip())]
-            out.append(lead + REMOVED + ("\n" if sentence.endswith("\n") else ""))
+            tail = sentence[len(sentence.rstrip()) :] if sentence.endswith("\n") else ""
+            out.append(lead + REMOVED + tail)
         else:
             out.append(sentence)
     if not matches:  # a match across sentence boundaries: nothing to remove
-        return Screened(text, False)
+        return Screened(original, False)
     return Screened("".join(out).strip(), True, tuple(matches))

@@ -8,6 +8,7 @@ the sources' places in the index (doc id, character offsets, scores), numbered a
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,12 @@ INSTRUCTIONS = (
 ELLIPSIS = " [...]"
 
 
+def _fence() -> str:
+    """A delimiter no document can know in advance (and so cannot close early to forge a source
+    of its own), fresh for every prompt."""
+    return f"<<<source-{secrets.token_hex(4)}>>>"
+
+
 @dataclass(frozen=True)
 class GroundedPrompt:
     system: str
@@ -38,6 +45,7 @@ def build_prompt(
     out (and not cited)."""
     parts, citations = [], []
     budget = max_context_chars
+    fence = _fence()
     for chunk in chunks:
         text = chunk.text
         flagged = False
@@ -46,15 +54,23 @@ def build_prompt(
             text, flagged = screened.text, screened.flagged
         if budget < 100:
             break
+        text = text.replace(fence, "")
         if len(text) > budget:
             text = text[: budget - len(ELLIPSIS)] + ELLIPSIS
         budget -= len(text)
         n = len(citations) + 1
+        title = f' "{chunk.title}"' if chunk.title else ""
         parts.append(
-            f"[{n}] {chunk.doc_id} (characters {chunk.start}-{chunk.end})\n<<<\n{text}\n>>>"
+            f"[{n}] {chunk.doc_id}{title} (characters {chunk.start}-{chunk.end})\n"
+            f"{fence}\n{text}\n{fence}"
         )
         citations.append({"n": n, **chunk.citation(), "flagged": flagged})
-    system = INSTRUCTIONS + "\n\nSources:\n\n" + "\n\n".join(parts)
+    system = (
+        INSTRUCTIONS
+        + f" Each source's text lies between two {fence} lines."
+        + "\n\nSources:\n\n"
+        + "\n\n".join(parts)
+    )
     return GroundedPrompt(system=system, citations=citations)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from workloads.embed.models import resolve_model_path
+from workloads.embed.schema import embedding_text
 
 RRF_K = 60
 Mode = Literal["dense", "lexical", "hybrid"]
@@ -53,6 +54,7 @@ class RetrievedChunk:
     row: int
     dense_rank: int | None
     lexical_rank: int | None
+    title: str | None = None  # the document's title, when the index has titles
 
     def citation(self) -> dict[str, Any]:
         out = asdict(self)
@@ -120,6 +122,18 @@ class Reranker:
         return [float(s) for s in np.asarray(out).reshape(len(texts), -1)[:, -1]]
 
 
+def lexical_texts(ids) -> list[str]:
+    """What BM25 indexes for each row: the document's title (when the index has titles) and the
+    chunk's text, as the dense side embeds them (`workloads.embed.schema.embedding_text`)."""
+    texts = ids.column("text").to_pylist()
+    if "title" not in ids.column_names:
+        return texts
+    return [
+        embedding_text(title, text)
+        for title, text in zip(ids.column("title").to_pylist(), texts, strict=True)
+    ]
+
+
 class HybridRetriever:
     """Dense and lexical candidates (`candidates` each), fused by RRF, optionally reranked by a
     cross-encoder (its `top_n` best fused rows), the top k returned."""
@@ -138,7 +152,7 @@ class HybridRetriever:
         self.rrf_k = rrf_k
         self.device = device
         self.reranker = reranker
-        self.lexical = LexicalIndex(index.ids.column("text").to_pylist())
+        self.lexical = LexicalIndex(lexical_texts(index.ids))
 
     def dense(self, query: str, k: int) -> list[tuple[int, float]]:
         if len(self.index) == 0:

@@ -54,7 +54,7 @@ from workloads.embed.index import (
     set_search_params,
 )
 from workloads.embed.models import resolve_model_path
-from workloads.embed.schema import EmbeddingInfo
+from workloads.embed.schema import EmbeddingInfo, embedding_text
 
 SEGMENTS = "segments"
 MAX_DOC_ID = 256
@@ -74,6 +74,9 @@ class EmptyIndexError(LookupError):
 class IngestDocument(StrictModel):
     id: str = Field(description="Unique document id; chunk ids are <id>#<n>.")
     text: str = Field(description="The document's text.")
+    title: str | None = Field(
+        default=None, description="Embedded (and BM25-indexed) before each chunk; not cited text."
+    )
 
 
 @dataclass
@@ -165,6 +168,7 @@ class IndexStore:
 
         index = faiss.clone_index(current.index.index)
         base = VectorIndex(index, current.index.info, current.index.ids, source=self.path)
+        base._encoders = current.index._encoders  # the query model stays loaded across reloads
         return self._with_segments(
             version, base, current.segments, version[2][len(current.segments) :]
         )
@@ -213,8 +217,13 @@ class IndexStore:
             good.append(doc)
         if not good:
             return report
+        chunk = self.chunk
+        if chunk.title_field is None:  # ingested titles are always used, as `title`
+            chunk = chunk.model_copy(update={"title_field": "title"})
         chunks = chunk_batch(
-            _document_table(good), tokenizer=self.tokenizer(snapshot.index.model), cfg=self.chunk
+            _document_table(good, chunk.title_field),
+            tokenizer=self.tokenizer(snapshot.index.model),
+            cfg=chunk,
         )
         empty = [r for r in chunks.to_pylist() if r["chunk_index"] == -1]
         for row in empty:
@@ -224,11 +233,20 @@ class IndexStore:
         report.chunks = len(chunks)
         if not len(chunks):
             return report
-        texts = chunks.column("text").to_pylist()
+        texts = [
+            embedding_text(title, text)
+            for title, text in zip(
+                chunks.column("title").to_pylist(), chunks.column("text").to_pylist(), strict=True
+            )
+        ]
         encoder = snapshot.index.encoder(device=self.device)
+        # As the embed job's Embedder encodes (`encode`, no prompt), so that segment vectors and
+        # the base index's are one vector space.
         vectors = np.asarray(
-            encoder.encode_document(
-                texts, normalize_embeddings=snapshot.index.info.embedding.normalized
+            encoder.encode(
+                texts,
+                normalize_embeddings=snapshot.index.info.embedding.normalized,
+                show_progress_bar=False,
             ),
             dtype=np.float32,
         )
@@ -294,12 +312,12 @@ def _reject_reason(doc: IngestDocument, seen: set[str]) -> str | None:
     return None
 
 
-def _document_table(docs: list[IngestDocument]) -> pa.Table:
+def _document_table(docs: list[IngestDocument], title_field: str) -> pa.Table:
     return pa.Table.from_pydict(
         {
             "id": [d.id for d in docs],
             "text": [d.text for d in docs],
-            "meta": [None] * len(docs),
+            "meta": [json.dumps({title_field: d.title}) if d.title else None for d in docs],
             "source": ["ingest"] * len(docs),
             "line": list(range(len(docs))),
             "reject_reason": [None] * len(docs),
@@ -318,7 +336,14 @@ def read_jsonl_documents(lines: Iterable[str]) -> tuple[list[IngestDocument], li
             continue
         try:
             record = json.loads(line)
-            docs.append(IngestDocument(id=str(record["id"]), text=record["text"]))
+            title = record.get("title")
+            docs.append(
+                IngestDocument(
+                    id=str(record["id"]),
+                    text=record["text"],
+                    title=title if isinstance(title, str) else None,
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             rejects.append({"line": str(n), "reason": f"malformed_record: {type(exc).__name__}"})
     return docs, rejects
