@@ -119,3 +119,51 @@ def ray_head(num_cpus: int = 2, **env: str) -> Iterator[RayHead]:
                     if any(temp_dir in part for part in (p.info["cmdline"] or [])):
                         p.kill()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+SERVE = str(Path(sys.executable).with_name("serve"))
+
+
+def _status(url: str) -> int | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def serve_run(
+    head: RayHead, config: Path, ready_urls: list[str], log_path: Path, timeout: float = 480
+) -> Iterator[subprocess.Popen]:
+    """`serve run --address <head> <config>` from the repository root, as a user runs a serve
+    config, until every URL in `ready_urls` answers 200; on exit, SIGTERM (serve run then shuts
+    its applications down)."""
+    repo = Path(__file__).resolve().parents[2]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [SERVE, "run", "--address", head.gcs_address, str(config)],
+            cwd=repo,
+            env=head.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + timeout
+            while [_status(u) for u in ready_urls] != [200] * len(ready_urls):
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    pytest.fail(f"serve run did not become ready: {log_path.read_text()[-5000:]}")
+                time.sleep(3)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,10 +20,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.integration.ray_head import free_ports, ray_head
+from tests.integration.ray_head import free_ports, ray_head, serve_run
 
 pytestmark = pytest.mark.slow
-SERVE = str(Path(sys.executable).with_name("serve"))
 KEY = "test-key-7f3a"
 MODEL = "demo-llm"
 EMBEDDER = "all-minilm-l6-v2"
@@ -89,35 +86,13 @@ def served(tiny_model, tmp_path_factory):
     path = work / "llm-cpu.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    with ray_head(num_cpus=2, LLM_API_KEY=KEY) as head:
-        log_path = work / "serve-run.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [SERVE, "run", "--address", head.gcs_address, str(path)],
-                cwd=REPO,
-                env=head.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 420
-            while True:
-                try:
-                    code, _, _ = _http(f"{base}/ready", key=None, timeout=30)
-                except OSError:
-                    code = None
-                if code == 200:
-                    break
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail(f"serve run did not become ready: {log_path.read_text()[-5000:]}")
-                time.sleep(3)
-            yield {"base": base, "head": head, "log": log_path, "tokenizer": tiny_model}
-            proc.terminate()  # SIGTERM: serve run shuts the application down
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    base = f"http://127.0.0.1:{port}"
+    log_path = work / "serve-run.log"
+    with (
+        ray_head(num_cpus=2, LLM_API_KEY=KEY) as head,
+        serve_run(head, path, [f"{base}/ready"], log_path, timeout=420),
+    ):
+        yield {"base": base, "head": head, "log": log_path, "tokenizer": tiny_model}
 
 
 @pytest.fixture(scope="module")

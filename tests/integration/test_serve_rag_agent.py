@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.integration.ray_head import free_ports, ray_head
-from tests.integration.test_serve_llm import KEY, SERVE, _http
+from tests.integration.ray_head import free_ports, ray_head, serve_run
+from tests.integration.test_serve_llm import KEY, _http
 
 pytestmark = pytest.mark.slow
 MODEL = "demo-llm"
@@ -86,37 +85,11 @@ def served(tiny_model, sample_corpus, tmp_path_factory):
     path = work / "agent-cpu.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    with ray_head(num_cpus=4, LLM_API_KEY=KEY) as head:
-        log_path = work / "serve-run.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [SERVE, "run", "--address", head.gcs_address, str(path)],
-                cwd=REPO,
-                env=head.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 480
-            while True:
-                codes = []
-                for route in ("/ready", "/rag/ready", "/agent/ready"):
-                    try:
-                        codes.append(_http(f"{base}{route}", key=None, timeout=30)[0])
-                    except OSError:
-                        codes.append(None)
-                if codes == [200, 200, 200]:
-                    break
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail(f"serve run did not become ready: {log_path.read_text()[-5000:]}")
-                time.sleep(3)
-            yield {"base": base, "docs": docs, "index": index, "log": log_path}
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    base = f"http://127.0.0.1:{port}"
+    log_path = work / "serve-run.log"
+    ready = [f"{base}{route}" for route in ("/ready", "/rag/ready", "/agent/ready")]
+    with ray_head(num_cpus=4, LLM_API_KEY=KEY) as head, serve_run(head, path, ready, log_path):
+        yield {"base": base, "docs": docs, "index": index, "log": log_path}
 
 
 @pytest.fixture(scope="module")

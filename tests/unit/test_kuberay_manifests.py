@@ -127,7 +127,7 @@ def test_rayjob_entrypoint_names_a_real_job_and_config(name, doc):
 def test_rayservice_serves_the_gpu_serve_config_on_an_autoscaling_gpu_group():
     """serveConfigV2 is serve_configs/llm-gpu.yaml (the same text `serve deploy` takes), and the
     GPU group can grow to fit Serve's max replicas."""
-    (service,) = [d for _, d in _docs() if d["kind"] == "RayService"]
+    (service,) = [d for n, d in _docs() if n.startswith("rayservice-llm.yaml")]
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve_config == yaml.safe_load((REPO / "serve_configs" / "llm-gpu.yaml").read_text())
 
@@ -148,3 +148,31 @@ def test_rayservice_serves_the_gpu_serve_config_on_an_autoscaling_gpu_group():
         accelerator = llm["accelerator_type"]
         assert f"accelerator_type:{accelerator}" in gpu["rayStartParams"]["resources"]
     assert gpu["maxReplicas"] * gpus_per_pod >= needed
+
+
+def test_agent_rayservice_serves_the_agent_config_and_its_cpu_group_fits_the_cpu_replicas():
+    """serveConfigV2 is serve_configs/agent-gpu.yaml; the CPU group can grow to hold every CPU
+    replica at Serve's maxima, and every group has the secrets the apps read."""
+    (service,) = [d for n, d in _docs() if n.startswith("rayservice-agent.yaml")]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config == yaml.safe_load((REPO / "serve_configs" / "agent-gpu.yaml").read_text())
+
+    cluster = service["spec"]["rayClusterConfig"]
+    (cpu,) = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "cpu"]
+    cpus_per_pod = int(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    needed = 0.0
+    for app in serve_config["applications"]:
+        args = app["args"]
+        for key in (
+            "ingress_deployment_config",
+            "retriever_deployment_config",
+            "deployment_config",
+        ):
+            if key in args:
+                options = args[key]
+                per = options.get("ray_actor_options", {}).get("num_cpus", 1)
+                needed += per * options.get("autoscaling_config", {}).get("max_replicas", 1)
+    assert cpu["maxReplicas"] * cpus_per_pod >= needed, needed
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"] for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert {"LLM_API_KEY", "AGENT_POSTGRES_DSN"} <= env, group.get("groupName", "head")

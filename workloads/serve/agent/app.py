@@ -40,9 +40,11 @@ from ray import serve
 from workloads.serve.agent.config import AgentAppConfig, CheckpointerConfig, parse_agent_args
 from workloads.serve.agent.graph import Limits, build_graph, final_answer, new_run, recursion_limit
 from workloads.serve.agent.tools import calculator_tool, retrieval_tool
+from workloads.serve.http import error_response, json_object
 from workloads.serve.llm.ingress import ServingMiddleware, api_key_from_env
 
 logger = logging.getLogger("ray.serve")
+BAD_THREAD_ID = "thread id: letters, digits and ._:- (at most 128)"
 THREAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_MESSAGE_CHARS = 32_000
 
@@ -95,12 +97,6 @@ def message_json(message: BaseMessage) -> dict[str, Any]:
         out["tool"] = message.name
         out["status"] = message.status
     return out
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": status}}, status_code=status
-    )
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
@@ -208,7 +204,7 @@ def agent_server_cls(app: FastAPI):
             try:
                 await self._started()
             except Exception as exc:  # noqa: BLE001
-                return _error(503, f"{type(exc).__name__}: {exc}", "not_ready")
+                return error_response(503, f"{type(exc).__name__}: {exc}", "not_ready")
             return {"ready": True, "tools": sorted(self.tools), "mcp_errors": self.mcp_errors}
 
         @app.get("/tools")
@@ -216,7 +212,9 @@ def agent_server_cls(app: FastAPI):
             try:
                 await self._started()
             except Exception as exc:  # noqa: BLE001
-                return _error(503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready")
+                return error_response(
+                    503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready"
+                )
             defaults = set(self._default_tools())
             return {
                 "tools": [
@@ -229,18 +227,16 @@ def agent_server_cls(app: FastAPI):
         @app.get("/threads/{thread_id}")
         async def thread(self, thread_id: str):
             if not THREAD_ID.match(thread_id):
-                return _error(
-                    400,
-                    "thread id: letters, digits and ._:- (at most 128)",
-                    "invalid_request_error",
-                )
+                return error_response(400, BAD_THREAD_ID)
             try:
                 graph = await self._started()
             except Exception as exc:  # noqa: BLE001
-                return _error(503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready")
+                return error_response(
+                    503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready"
+                )
             state = await graph.aget_state({"configurable": {"thread_id": thread_id}})
             if not state.values:
-                return _error(404, f"no thread {thread_id!r}", "not_found")
+                return error_response(404, f"no thread {thread_id!r}", "not_found")
             return {
                 "thread_id": thread_id,
                 "messages": [message_json(m) for m in state.values["messages"]],
@@ -249,27 +245,22 @@ def agent_server_cls(app: FastAPI):
         @app.post("/threads/{thread_id}/runs")
         async def run(self, thread_id: str, request: Request):
             if not THREAD_ID.match(thread_id):
-                return _error(
-                    400,
-                    "thread id: letters, digits and ._:- (at most 128)",
-                    "invalid_request_error",
-                )
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return _error(400, "the body is not JSON", "invalid_request_error")
-            if not isinstance(body, dict):
-                return _error(400, "the body must be a JSON object", "invalid_request_error")
+                return error_response(400, BAD_THREAD_ID)
+            body = await json_object(request)
+            if isinstance(body, JSONResponse):
+                return body
             unknown = set(body) - {"message", "tools", "stream"}
             if unknown:
-                return _error(400, f"unknown keys: {sorted(unknown)}", "invalid_request_error")
+                return error_response(
+                    400, f"unknown keys: {sorted(unknown)}", "invalid_request_error"
+                )
             message = body.get("message")
             if (
                 not isinstance(message, str)
                 or not message.strip()
                 or len(message) > MAX_MESSAGE_CHARS
             ):
-                return _error(
+                return error_response(
                     400,
                     f"`message`: a non-empty string of at most {MAX_MESSAGE_CHARS} characters",
                     "invalid_request_error",
@@ -277,21 +268,25 @@ def agent_server_cls(app: FastAPI):
             try:
                 graph = await self._started()
             except Exception as exc:  # noqa: BLE001
-                return _error(503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready")
+                return error_response(
+                    503, f"agent not started: {type(exc).__name__}: {exc}", "not_ready"
+                )
             tools = body.get("tools")
             if tools is None:
                 allowed = self._default_tools()
             elif isinstance(tools, list) and all(isinstance(t, str) for t in tools):
                 missing = [t for t in tools if t not in self.tools]
                 if missing:
-                    return _error(
+                    return error_response(
                         400,
                         f"unknown tools {missing}; available: {sorted(self.tools)}",
                         "invalid_request_error",
                     )
                 allowed = list(tools)
             else:
-                return _error(400, "`tools` must be a list of tool names", "invalid_request_error")
+                return error_response(
+                    400, "`tools` must be a list of tool names", "invalid_request_error"
+                )
 
             config = {
                 "configurable": {"thread_id": thread_id},
@@ -300,7 +295,9 @@ def agent_server_cls(app: FastAPI):
             # One run at a time per thread (on this replica; route a thread's requests to one
             # replica, or use Postgres' own locking, for more): two at once would fork its history.
             if thread_id in self._busy:
-                return _error(409, f"thread {thread_id!r} has a run in progress", "conflict")
+                return error_response(
+                    409, f"thread {thread_id!r} has a run in progress", "conflict"
+                )
             self._busy.add(thread_id)
             try:
                 history = await self._history(graph, config)
@@ -323,14 +320,14 @@ def agent_server_cls(app: FastAPI):
                     graph.ainvoke(state_in, config), self.cfg.limits.request_timeout_s
                 )
             except TimeoutError:
-                return _error(
+                return error_response(
                     504,
                     f"the run took longer than {self.cfg.limits.request_timeout_s:g} s",
                     "timeout",
                 )
             except Exception as exc:  # noqa: BLE001 - the LLM unreachable, a bad answer: one run fails
                 logger.exception("run on thread %s failed", thread_id)
-                return _error(502, f"{type(exc).__name__}: {exc}", "agent_error")
+                return error_response(502, f"{type(exc).__name__}: {exc}", "agent_error")
             return {
                 "thread_id": thread_id,
                 "answer": final_answer(state),

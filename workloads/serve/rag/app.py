@@ -39,6 +39,7 @@ from ray import serve
 # it, so isinstance checks must use this one.
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse  # noqa: E402
 
+from workloads.serve.http import error_response, json_object
 from workloads.serve.llm.ingress import ServingMiddleware, api_key_from_env
 from workloads.serve.rag.config import RAGAppConfig, parse_rag_args
 from workloads.serve.rag.prompt import build_prompt, last_user_text
@@ -177,12 +178,6 @@ class Retriever:
         return out
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": status}}, status_code=status
-    )
-
-
 def _llm_deployment_name(model_id: str) -> str:
     # ray.llm's builder: "LLMServer:" + model id with "/" -> "--" and "." -> "_"
     return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
@@ -252,10 +247,10 @@ def rag_ingress_cls(app: FastAPI):
                 first = await asyncio.wait_for(call.__anext__(), READY_TIMEOUT_S)
                 call.cancel()
             except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
-                return _error(503, f"{type(exc).__name__}: {exc}", "not_ready")
+                return error_response(503, f"{type(exc).__name__}: {exc}", "not_ready")
             first = first[0] if isinstance(first, list) else first
             if isinstance(first, ErrorResponse):
-                return _error(503, first.error.message, "not_ready")
+                return error_response(503, first.error.message, "not_ready")
             return {"ready": True, "retriever": stats, "model": self.cfg.model}
 
         @app.get("/v1/models")
@@ -267,14 +262,14 @@ def rag_ingress_cls(app: FastAPI):
 
         @app.post("/retrieve")
         async def retrieve(self, request: Request):
-            body = await _json_object(request)
+            body = await json_object(request)
             if isinstance(body, JSONResponse):
                 return body
             query = body.get("query")
             k, mode = body.get("k"), body.get("mode")
             problem = _check_retrieval_args(query, k, mode, self.cfg)
             if problem:
-                return _error(400, problem, "invalid_request_error")
+                return error_response(400, problem, "invalid_request_error")
             try:
                 found = await self.retriever.retrieve.remote(query, k, mode)
             except Exception as exc:  # noqa: BLE001 - a failing retriever is one failed request
@@ -287,7 +282,7 @@ def rag_ingress_cls(app: FastAPI):
             return {"query": query, "mode": mode or self.cfg.retrieval.mode, "chunks": chunks}
 
         def _empty(self) -> JSONResponse:
-            return _error(
+            return error_response(
                 409,
                 f"the index {self.cfg.index} holds no documents yet: POST /ingest some, or "
                 "build it with ray_jobs/build_index.py",
@@ -297,19 +292,19 @@ def rag_ingress_cls(app: FastAPI):
         @app.post("/ingest")
         async def ingest(self, request: Request):
             if not self.cfg.ingest.enabled:
-                return _error(403, "ingest is disabled in this app's config", "forbidden")
-            body = await _json_object(request)
+                return error_response(403, "ingest is disabled in this app's config", "forbidden")
+            body = await json_object(request)
             if isinstance(body, JSONResponse):
                 return body
             docs = body.get("documents")
             if not isinstance(docs, list) or not docs:
-                return _error(
+                return error_response(
                     400,
                     "`documents` must be a non-empty list of {id, text}",
                     "invalid_request_error",
                 )
             if len(docs) > self.cfg.ingest.max_documents:
-                return _error(
+                return error_response(
                     413,
                     f"{len(docs)} documents; at most {self.cfg.ingest.max_documents} per request",
                     "invalid_request_error",
@@ -330,17 +325,17 @@ def rag_ingress_cls(app: FastAPI):
         async def chat(self, request: Request):
             from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-            body = await _json_object(request)
+            body = await json_object(request)
             if isinstance(body, JSONResponse):
                 return body
             options = body.pop("retrieval", None) or {}
             if not isinstance(options, dict):
-                return _error(
+                return error_response(
                     400, "`retrieval` must be an object {k, mode}", "invalid_request_error"
                 )
             model = self._model(body.get("model"))
             if model is None:
-                return _error(
+                return error_response(
                     404,
                     f"model {body.get('model')!r}: this RAG app answers with {self.cfg.model!r} "
                     "or its adapters",
@@ -351,26 +346,26 @@ def rag_ingress_cls(app: FastAPI):
             except Exception as exc:  # noqa: BLE001
                 return _call_error("LLM app", exc)
             if not served:
-                return _error(
+                return error_response(
                     404,
                     f"model {model!r}: the {self.cfg.llm_app!r} app serves no such adapter",
                     "NotFoundError",
                 )
             messages = body.get("messages")
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                return _error(
+                return error_response(
                     400, "`messages` must be a list of message objects", "invalid_request_error"
                 )
             query = last_user_text(messages)
             if not query or not query.strip():
-                return _error(
+                return error_response(
                     400,
                     "`messages` needs a user message with text: the retrieval query",
                     "invalid_request_error",
                 )
             problem = _check_retrieval_args(query, options.get("k"), options.get("mode"), self.cfg)
             if problem:
-                return _error(400, problem, "invalid_request_error")
+                return error_response(400, problem, "invalid_request_error")
 
             try:
                 found = await self.retriever.retrieve.remote(
@@ -397,7 +392,7 @@ def rag_ingress_cls(app: FastAPI):
                 where = "; ".join(
                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
                 )
-                return _error(400, where, "invalid_request_error")
+                return error_response(400, where, "invalid_request_error")
 
             # The first item decides the status, as in Ray's own ingress: an engine error (an
             # unknown adapter, a prompt over the model length) is an HTTP error, not a stream.
@@ -409,7 +404,7 @@ def rag_ingress_cls(app: FastAPI):
             error = _engine_error(first)
             if error is not None:
                 stream.cancel()
-                return _error(error.error.code, error.error.message, error.error.type)
+                return error_response(error.error.code, error.error.message, error.error.type)
             if not req.stream:
                 first = first[0] if isinstance(first, list) else first
                 out = first.model_dump(mode="json", exclude_none=True)
@@ -437,7 +432,9 @@ def _call_error(what: str, exc: Exception) -> JSONResponse:
     status = status if isinstance(status, int) and 400 <= status < 600 else 502
     detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
     logger.warning("%s call failed: %s", what, detail)
-    return _error(status, f"{what}: {detail}", "upstream_error" if status == 502 else "error")
+    return error_response(
+        status, f"{what}: {detail}", "upstream_error" if status == 502 else "error"
+    )
 
 
 async def _sse_with_citations(first, stream, citations: list[dict[str, Any]], model: str):
@@ -472,16 +469,6 @@ async def _sse_with_citations(first, stream, citations: list[dict[str, Any]], mo
         error = {"message": f"{type(exc).__name__}: {exc}", "type": "upstream_error", "code": 502}
         yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
-
-
-async def _json_object(request: Request) -> dict[str, Any] | JSONResponse:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "the body is not JSON", "invalid_request_error")
-    if not isinstance(body, dict):
-        return _error(400, "the body must be a JSON object", "invalid_request_error")
-    return body
 
 
 def _check_retrieval_args(query, k, mode, cfg: RAGAppConfig) -> str | None:
