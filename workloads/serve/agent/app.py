@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,10 @@ def agent_server_cls(app: FastAPI):
                 tool_timeout_s=self.cfg.limits.tool_timeout_s,
                 max_history_tokens=self.cfg.limits.max_history_tokens,
             )
-            self._busy: set[str] = set()  # threads with a run in progress on this replica
+            # Threads with a run in progress on this replica, and since when. A mark older than the
+            # request timeout is stale (a stream whose client left before it started never
+            # clears its own), so it can never lock a thread for good.
+            self._busy: dict[str, float] = {}
             self._start_lock = asyncio.Lock()
             self.graph = None
             self.tools: dict[str, Any] = {}
@@ -294,15 +298,19 @@ def agent_server_cls(app: FastAPI):
             }
             # One run at a time per thread (on this replica; route a thread's requests to one
             # replica, or use Postgres' own locking, for more): two at once would fork its history.
-            if thread_id in self._busy:
+            started = self._busy.get(thread_id)
+            if (
+                started is not None
+                and time.monotonic() - started < self.cfg.limits.request_timeout_s + 10
+            ):
                 return error_response(
                     409, f"thread {thread_id!r} has a run in progress", "conflict"
                 )
-            self._busy.add(thread_id)
+            self._busy[thread_id] = time.monotonic()
             try:
                 history = await self._history(graph, config)
             except Exception:
-                self._busy.discard(thread_id)
+                self._busy.pop(thread_id, None)
                 raise
             state_in = new_run(message, allowed, history)
             if body.get("stream"):
@@ -312,7 +320,7 @@ def agent_server_cls(app: FastAPI):
             try:
                 return await self._invoke(graph, state_in, config, thread_id, allowed, len(history))
             finally:
-                self._busy.discard(thread_id)
+                self._busy.pop(thread_id, None)
 
         async def _invoke(self, graph, state_in, config, thread_id, allowed, before):
             try:
@@ -388,7 +396,7 @@ def agent_server_cls(app: FastAPI):
                     "error", {"message": f"{type(exc).__name__}: {exc}", "type": "agent_error"}
                 )
             finally:
-                self._busy.discard(thread_id)
+                self._busy.pop(thread_id, None)
             yield "data: [DONE]\n\n"
 
     return AgentServer
