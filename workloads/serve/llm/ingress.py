@@ -286,14 +286,20 @@ class ServingIngress(OpenAiIngress):
             call = handle.completions.remote(
                 CompletionRequest(model=model_id, prompt="ready?", max_tokens=1), None
             )
-        try:
-            first = await asyncio.wait_for(call.__anext__(), READY_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - any failure (timeout, backpressure) is "not ready"
-            call.cancel()
-            return f"{type(exc).__name__}: {exc}"
+        return await first_answer_problem(call)
+
+
+async def first_answer_problem(call, timeout_s: float = READY_TIMEOUT_S) -> str | None:
+    """Await the first item of a streaming LLMServer call (a readiness probe), then cancel the
+    rest: None when the model answered, else why not (a timeout, backpressure, an engine error)."""
+    try:
+        first = await asyncio.wait_for(call.__anext__(), timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
         call.cancel()
-        first = first[0] if isinstance(first, list) else first
-        return first.error.message if isinstance(first, ErrorResponse) else None
+        return f"{type(exc).__name__}: {exc}"
+    call.cancel()
+    first = first[0] if isinstance(first, list) else first
+    return first.error.message if isinstance(first, ErrorResponse) else None
 
 
 def build_ingress_cls(api_key_env: str | None = API_KEY_ENV):

@@ -40,7 +40,11 @@ from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse  # noqa: E402
 
 from workloads.serve.http import error_response, json_object
-from workloads.serve.llm.ingress import ServingMiddleware, api_key_from_env
+from workloads.serve.llm.ingress import (
+    ServingMiddleware,
+    api_key_from_env,
+    first_answer_problem,
+)
 from workloads.serve.rag.config import RAGAppConfig, parse_rag_args
 from workloads.serve.rag.prompt import build_prompt, last_user_text
 from workloads.serve.rag.retrieval import HybridRetriever, Reranker, RetrievedChunk
@@ -110,10 +114,14 @@ class Retriever:
         """Load the folder's changes, if any, beside the snapshot in use, then swap."""
         self._ensure_poller()
         async with self._lock:
-            new = await asyncio.to_thread(self._refreshed)
-            if new is not None:
-                self._install(*new)
+            await self._catch_up()
         return self.stats()
+
+    async def _catch_up(self) -> None:
+        """Swap in the folder's changes, if any (the caller holds the lock)."""
+        new = await asyncio.to_thread(self._refreshed)
+        if new is not None:
+            self._install(*new)
 
     def _refreshed(self) -> tuple[Snapshot, HybridRetriever] | None:
         """The changed snapshot and its retriever (BM25 index included), built off the event
@@ -163,19 +171,10 @@ class Retriever:
                 )
         async with self._lock:
             # Catch up with segments other replicas wrote first, so their ids count as taken.
-            new = await asyncio.to_thread(self._refreshed)
-            if new is not None:
-                self._install(*new)
-            report = await asyncio.to_thread(self.store.append, self.snapshot, docs)
-            new = await asyncio.to_thread(self._refreshed)
-            if new is not None:
-                self._install(*new)
-        out = report.as_dict()
-        out["read"] += len(rejects)
-        out["rejected"] += len(rejects)
-        out["rejects"] = rejects + out["rejects"]
-        out["chunks_in_index"] = len(self.snapshot.index)
-        return out
+            await self._catch_up()
+            report = await asyncio.to_thread(self.store.append, self.snapshot, docs, rejects)
+            await self._catch_up()
+        return {**report.as_dict(), "chunks_in_index": len(self.snapshot.index)}
 
 
 def _llm_deployment_name(model_id: str) -> str:
@@ -241,16 +240,14 @@ def rag_ingress_cls(app: FastAPI):
 
             try:
                 stats = await asyncio.wait_for(self.retriever.stats.remote(), READY_TIMEOUT_S)
-                call = self._llm_handle(self.cfg.model).completions.remote(
-                    CompletionRequest(model=self.cfg.model, prompt="ready?", max_tokens=1), None
-                )
-                first = await asyncio.wait_for(call.__anext__(), READY_TIMEOUT_S)
-                call.cancel()
             except Exception as exc:  # noqa: BLE001 - any failure is "not ready"
                 return error_response(503, f"{type(exc).__name__}: {exc}", "not_ready")
-            first = first[0] if isinstance(first, list) else first
-            if isinstance(first, ErrorResponse):
-                return error_response(503, first.error.message, "not_ready")
+            call = self._llm_handle(self.cfg.model).completions.remote(
+                CompletionRequest(model=self.cfg.model, prompt="ready?", max_tokens=1), None
+            )
+            problem = await first_answer_problem(call, READY_TIMEOUT_S)
+            if problem is not None:
+                return error_response(503, problem, "not_ready")
             return {"ready": True, "retriever": stats, "model": self.cfg.model}
 
         @app.get("/v1/models")

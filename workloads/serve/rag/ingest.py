@@ -50,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             got, bad = read_jsonl_documents(f)
         docs += got
         rejects += [{**r, "file": str(path)} for r in bad]
-    report = store.append(store.load(), docs).as_dict()
-    report["read"] += len(rejects)
-    report["rejected"] += len(rejects)
-    report["rejects"] = rejects + report["rejects"]
-    assert report["read"] == report["kept"] + report["rejected"]
+    report = store.append(store.load(), docs, rejects).as_dict()
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0

@@ -200,11 +200,18 @@ class IndexStore:
             self._tokenizer = load_tokenizer(resolve_model_path(model))
         return self._tokenizer
 
-    def append(self, snapshot: Snapshot, documents: Iterable[IngestDocument]) -> IngestReport:
+    def append(
+        self,
+        snapshot: Snapshot,
+        documents: Iterable[IngestDocument],
+        malformed: Sequence[dict[str, str]] = (),
+    ) -> IngestReport:
         """Chunk, embed and write `documents` as one new segment; every document is kept or
         rejected with a reason. Ids already in `snapshot` or repeated in the batch are rejected
-        (re-ingesting a changed document means rebuilding: segments only add)."""
-        report = IngestReport()
+        (re-ingesting a changed document means rebuilding: segments only add). `malformed` are
+        the rejects of records that did not parse as documents: read and rejected too, so the
+        report reconciles over everything the caller read."""
+        report = IngestReport(read=len(malformed), rejected=list(malformed))
         seen = snapshot.doc_ids
         good: list[IngestDocument] = []
         for doc in documents:
