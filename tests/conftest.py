@@ -37,7 +37,15 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from workloads.common.ray_runtime import local_system_config
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=local_system_config(2),
+    )
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

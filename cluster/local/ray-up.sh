@@ -18,6 +18,9 @@ num_cpus=${RAY_NUM_CPUS:-$(nproc)}
 if "$RAY" status --address "127.0.0.1:$port" >/dev/null 2>&1; then
   echo "Ray head already running at 127.0.0.1:$port"
 else
+  # Warm worker processes for Ray Data's shuffles (workloads/common/ray_runtime.py:
+  # local_system_config): four per CPU, idle for up to a minute.
+  RAY_num_workers_soft_limit=$((4 * num_cpus)) RAY_idle_worker_killing_time_threshold_ms=60000 \
   "$RAY" start --head --port "$port" --num-cpus "$num_cpus" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --disable-usage-stats
 fi

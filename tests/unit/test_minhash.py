@@ -120,46 +120,48 @@ def _edges(pairs):
     return pa.table({"u": [u for u, _ in pairs], "v": [v for _, v in pairs]}, schema=cc.EDGE_SCHEMA)
 
 
-def _run_local(pairs):
-    """The star steps with the shuffles done in Python: the same algorithm the Ray job runs."""
+def _shuffle(table: pa.Table, key: str, parts: int) -> list[pa.Table]:
+    """What `partitioned` hands its function: every row of a key in the same block."""
+    keys = table[key].to_numpy()
+    return [table.filter(pa.array(keys % parts == p)) for p in range(parts)]
 
-    def step(edges, orient, emit):
-        d = orient(edges).to_pylist()
-        m = {}
-        for r in d:
-            m[r["x"]] = min(m.get(r["x"], r["n"]), r["n"])
-        joined = pa.table(
-            {"x": [r["x"] for r in d], "n": [r["n"] for r in d], "m": [m[r["x"]] for r in d]},
-            schema=pa.schema([("x", pa.int64()), ("n", pa.int64()), ("m", pa.int64())]),
-        )
-        return sorted(set(zip(*[emit(joined)[c].to_pylist() for c in ("u", "v")], strict=True)))
 
-    edges, rounds = sorted(set(pairs)), 0
+def _run_local(pairs, parts: int = 1):
+    """The job's rounds with the shuffles done in Python: large-star, then small-star, per block of
+    `parts` hash partitions, until a round changes nothing."""
+    edges, rounds = _edges(sorted(set(pairs))), 0
     while True:
-        us = [u for u, _ in edges]
-        if (
-            all(v < u for u, v in edges)
-            and len(us) == len(set(us))
-            and not {v for _, v in edges} & set(us)
-        ):
-            return edges, rounds
-        edges = step(_edges(edges), cc.both_directions, cc.large_star_emit)
-        edges = step(_edges(edges), cc.larger_to_smaller, cc.small_star_emit)
         rounds += 1
+        directed = cc.both_directions(edges)
+        large = pa.concat_tables([cc.large_star(b) for b in _shuffle(directed, "x", parts)])
+        small = pa.concat_tables([cc.small_star(b) for b in _shuffle(large, "a", parts)])
+        edges = small.select(["u", "v"])
+        if small["changed"].null_count == len(small):
+            return sorted(
+                set(zip(edges["u"].to_pylist(), edges["v"].to_pylist(), strict=True))
+            ), rounds
 
 
-def test_star_steps_converge_to_min_centred_stars():
+@pytest.mark.parametrize("parts", [1, 3])
+def test_star_rounds_converge_to_min_centred_stars(parts):
     chain = [
         (i + 1, i) for i in range(1, 20)
     ]  # a path 1-2-...-20, the worst case for label propagation
     other = [(105, 107), (107, 103)]
-    stars, rounds = _run_local(chain + other)
-    assert rounds >= 2
+    stars, rounds = _run_local(chain + other, parts)
+    assert rounds >= 2  # at least one round that changes, one that confirms
     centre = dict(stars)
+    assert len(centre) == len(stars)  # every leaf once
     assert all(centre[n] == 1 for n in range(2, 21))
-    assert centre[105] == centre[107] == 103
+    assert centre[105] == centre[107] == 103 and 1 not in centre and 103 not in centre
 
 
-def test_components_of_converged_stars_include_the_centres():
-    comp = cc.star_edges_to_components(_edges([(5, 1), (7, 1)])).to_pylist()
-    assert {(r["uid"], r["component"]) for r in comp} == {(5, 1), (7, 1), (1, 1)}
+def test_a_star_forest_is_confirmed_in_one_round():
+    stars, rounds = _run_local([(5, 1), (7, 1), (9, 8)], parts=2)
+    assert rounds == 1 and stars == [(5, 1), (7, 1), (9, 8)]
+
+
+def test_components_of_converged_stars_include_the_centres_once():
+    rows = cc.component_rows(_edges([(5, 1), (7, 1)]))
+    comp = cc.distinct_nodes(rows).to_pylist()
+    assert sorted((r["uid"], r["component"]) for r in comp) == [(1, 1), (5, 1), (7, 1)]

@@ -568,6 +568,9 @@ def _report_again(state, hf_checkpoint: str) -> None:
     metrics: dict[str, Any] = {}
     for entry in state.log_history:
         metrics.update(entry)
+    # Marked: the rows are the checkpoint's, not trained under this run's config (a PBT trial
+    # exploited at its last step reports its donor's learning rate here).
+    metrics["reported_again"] = True
     folder = os.path.dirname(hf_checkpoint)  # the downloaded Ray Train checkpoint
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
 

@@ -1,13 +1,14 @@
-"""Connected components of a duplicate graph, distributed: large-star / small-star rounds as Ray Data
-group-bys and joins (Kiveris et al., "Connected Components in MapReduce and Beyond", SoCC 2014; the
-algorithm text-dedup's Spark job uses). No step gathers the edges on the driver or on one worker:
-every step is a hash-partitioned aggregate or join over `num_partitions` partitions.
+"""Connected components of a duplicate graph, distributed: large-star / small-star rounds (Kiveris et
+al., "Connected Components in MapReduce and Beyond", SoCC 2014; the algorithm text-dedup's Spark job
+uses). No step gathers the edges on the driver or on one worker: each star step is one hash-partitioned
+shuffle (`partitioned`), and every node's edges are handled, vectorised, in the block that holds it.
 
-Edges are (u, v) int64 pairs. Each round writes its edges to `_stages/cc/round-<k>`, so a rerun resumes
-at the first unfinished round. The rounds stop when the edges form a star forest whose centres are
-their components' minimum nodes, the fixed point of both steps: then every u appears once, every v is
-smaller than its u, and no v appears as a u. Rounds: O(log^2 n) in theory, one to three on real
-duplicate graphs (LSH buckets already emit stars).
+Edges are (u, v) int64 pairs with u > v. A round is large-star then small-star in one Ray Data
+execution, written to `_stages/cc/round-<k>`, so a rerun resumes at the first unfinished round. Every
+output edge carries `changed` (null when the steps left it as it was); a round in which neither step
+changed anything is the fixed point: a star forest centred on each component's minimum node. Rounds:
+O(log^2 n) in theory, two or three on real duplicate graphs (LSH buckets already emit stars), the last
+of them the one that confirms.
 """
 
 from __future__ import annotations
@@ -17,49 +18,76 @@ import pyarrow as pa
 
 from workloads.common.manifest import JobManifest
 from workloads.common.storage import OutputLayout
+from workloads.data.dedup.partition import group_starts, partitioned
 
 EDGE_SCHEMA = pa.schema([("u", pa.int64()), ("v", pa.int64())])
+ROUND_SCHEMA = EDGE_SCHEMA.append(pa.field("changed", pa.bool_()))
 COMPONENT_SCHEMA = pa.schema([("uid", pa.int64()), ("component", pa.int64())])
+_LARGE_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("changed", pa.bool_())])
 
 
-# Per-batch steps (pure)
+def _changed(flags: np.ndarray) -> pa.Array:
+    """True where changed, null elsewhere: the Parquet footers then count the changes."""
+    return pa.array(np.where(flags, True, None) if len(flags) else [], pa.bool_())
+
+
+# Per-block steps (pure). Each block holds every edge of the nodes hashed to it.
 
 
 def both_directions(batch: pa.Table) -> pa.Table:
     """(u, v) -> (x, n) rows for both u->v and v->u: every node sees all its neighbours."""
-    u, v = batch["u"], batch["v"]
+    u, v = batch["u"].to_numpy(), batch["v"].to_numpy()
+    return pa.table({"x": np.concatenate([u, v]), "n": np.concatenate([v, u])})
+
+
+def large_star(block: pa.Table) -> pa.Table:
+    """Per node x with neighbours N(x) and m = min(N(x) + x): link every larger neighbour n > x to
+    m. Changed: m < x (x had a smaller neighbour too)."""
+    if not len(block):
+        return pa.table({"a": [], "b": [], "changed": []}, schema=_LARGE_SCHEMA)
+    x, n = block["x"].to_numpy(), block["n"].to_numpy()
+    order = np.lexsort((n, x))
+    x, n = x[order], n[order]
+    distinct = group_starts(x, n)
+    x, n = x[distinct], n[distinct]
+    starts = group_starts(x)
+    m = np.minimum(np.minimum.reduceat(n, np.flatnonzero(starts)), x[starts])
+    m = m[np.cumsum(starts) - 1]
+    keep = n > x
+    return pa.table(
+        {"a": n[keep], "b": m[keep], "changed": m[keep] != x[keep]}, schema=_LARGE_SCHEMA
+    )
+
+
+def small_star(block: pa.Table) -> pa.Table:
+    """Per node a with smaller neighbours S(a) and m = min(S(a)): link a and every b in S(a) to m.
+    Changed: a had two or more smaller neighbours, or large-star changed an edge of a."""
+    if not len(block):
+        return ROUND_SCHEMA.empty_table()
+    a, b = block["a"].to_numpy(), block["b"].to_numpy()
+    flag = block["changed"].to_numpy(zero_copy_only=False).astype(bool)
+    order = np.lexsort((b, a))
+    a, b, flag = a[order], b[order], flag[order]
+    distinct = group_starts(a, b)
+    starts = group_starts(a)
+    first = np.flatnonzero(starts)
+    group = np.cumsum(starts) - 1
+    m = b[first]  # sorted: the first b of each a is its minimum
+    changed = (np.add.reduceat(distinct.astype(np.int64), first) > 1) | np.logical_or.reduceat(
+        flag, first
+    )
+    linked = distinct & (b != m[group])
     return pa.table(
         {
-            "x": pa.chunked_array(u.chunks + v.chunks, pa.int64()),
-            "n": pa.chunked_array(v.chunks + u.chunks, pa.int64()),
-        }
+            "u": np.concatenate([a[first], b[linked]]),
+            "v": np.concatenate([m, m[group][linked]]),
+            "changed": _changed(np.concatenate([changed, changed[group][linked]])),
+        },
+        schema=ROUND_SCHEMA,
     )
 
 
-def larger_to_smaller(batch: pa.Table) -> pa.Table:
-    """(u, v) -> (x = max, n = min)."""
-    u = batch["u"].to_numpy()
-    v = batch["v"].to_numpy()
-    return pa.table({"x": np.maximum(u, v), "n": np.minimum(u, v)})
-
-
-def large_star_emit(batch: pa.Table) -> pa.Table:
-    """Rows (x, n, m) with m = min neighbour of x: link every larger neighbour n > x to min(m, x)."""
-    x, n, m = (batch[c].to_numpy() for c in ("x", "n", "m"))
-    keep = n > x
-    return pa.table({"u": n[keep], "v": np.minimum(m, x)[keep]}, schema=EDGE_SCHEMA)
-
-
-def small_star_emit(batch: pa.Table) -> pa.Table:
-    """Rows (x, n, m), n < x, m = min smaller neighbour of x: link x and every such n to m."""
-    x, n, m = (batch[c].to_numpy() for c in ("x", "n", "m"))
-    keep = n != m
-    return pa.table(
-        {"u": np.concatenate([x, n[keep]]), "v": np.concatenate([m, m[keep]])}, schema=EDGE_SCHEMA
-    )
-
-
-def star_edges_to_components(batch: pa.Table) -> pa.Table:
+def component_rows(batch: pa.Table) -> pa.Table:
     """Converged (leaf, centre) edges -> (uid, component) for the leaves and the centres."""
     u, v = batch["u"].to_numpy(), batch["v"].to_numpy()
     return pa.table(
@@ -68,96 +96,67 @@ def star_edges_to_components(batch: pa.Table) -> pa.Table:
     )
 
 
+def distinct_nodes(block: pa.Table) -> pa.Table:
+    """One (uid, component) row per node: a centre appears once per leaf before this."""
+    uid, comp = block["uid"].to_numpy(), block["component"].to_numpy()
+    order = np.lexsort((comp, uid))
+    uid, comp = uid[order], comp[order]
+    first = group_starts(uid, comp)
+    return pa.table({"uid": uid[first], "component": comp[first]}, schema=COMPONENT_SCHEMA)
+
+
 # Distributed steps
 
 
-def _distinct(ds, num_partitions: int):
-    from ray.data.aggregate import Count
-
-    return (
-        ds.groupby(["u", "v"], num_partitions=num_partitions)
-        .aggregate(Count())
-        .select_columns(["u", "v"])
+def star_round(edges, num_partitions: int):
+    """One large-star + small-star round over a Dataset of (u, v): two shuffles, one execution."""
+    large = partitioned(
+        edges.map_batches(both_directions, batch_format="pyarrow"),
+        ["x"],
+        num_partitions,
+        large_star,
     )
-
-
-def _star_step(edges, orient, emit, num_partitions: int):
-    from ray.data.aggregate import Min
-
-    directed = edges.map_batches(orient, batch_format="pyarrow")
-    mins = directed.groupby("x", num_partitions=num_partitions).aggregate(Min("n", alias_name="m"))
-    joined = directed.join(mins, join_type="inner", num_partitions=num_partitions, on=("x",))
-    return _distinct(joined.map_batches(emit, batch_format="pyarrow"), num_partitions)
-
-
-def large_star(edges, num_partitions: int):
-    return _star_step(edges, both_directions, large_star_emit, num_partitions)
-
-
-def small_star(edges, num_partitions: int):
-    return _star_step(edges, larger_to_smaller, small_star_emit, num_partitions)
-
-
-def is_star_forest(edges, num_partitions: int) -> bool:
-    """Every u once, v < u, and no v is also a u: each component is a star around its minimum."""
-    from ray.data.aggregate import Count
-    from ray.data.expressions import col
-
-    if edges.filter(expr=col("v") >= col("u")).count():
-        return False
-    repeated = edges.groupby("u", num_partitions=num_partitions).aggregate(Count(alias_name="k"))
-    if repeated.filter(expr=col("k") > 1).count():
-        return False
-    centres = edges.select_columns(["v"]).rename_columns({"v": "u"})
-    leaves = edges.select_columns(["u"])
-    return (
-        centres.join(
-            leaves, join_type="left_semi", num_partitions=num_partitions, on=("u",)
-        ).count()
-        == 0
-    )
+    return partitioned(large, ["a"], num_partitions, small_star)
 
 
 def connected_components(
-    out: OutputLayout, manifest: JobManifest, edges_stage: str, num_partitions: int, max_rounds: int
+    out: OutputLayout,
+    manifest: JobManifest,
+    edges,
+    num_partitions: int,
+    max_rounds: int,
 ) -> tuple[str, int]:
-    """Run large-star then small-star until the edges of `edges_stage` form a min-centred star forest;
-    write `_stages/components` (uid, component) and return (that stage's name, rounds run)."""
+    """Run rounds from `edges` (a function returning a Dataset of (u, v) edges with u > v) until one
+    changes nothing; write `_stages/components` (uid, component = the component's minimum uid) and
+    return (that stage's name, rounds run, the confirming one included)."""
 
-    def check(source: str):
+    def step(source, name: str):
         def produce(folder: str) -> dict:
-            return {"converged": is_star_forest(out.read_dataset(source), num_partitions)}
+            out.write_dataset(star_round(source(), num_partitions), folder, ROUND_SCHEMA)
+            return {"edges": out.count_rows(name), "changes": out.non_null(name, "changed")}
 
         return produce
 
-    def step(source: str, star, name: str):
-        def produce(folder: str) -> dict:
-            out.write_dataset(star(out.read_dataset(source), num_partitions), folder, EDGE_SCHEMA)
-            return {"edges": out.read_dataset(name).count()}
-
-        return produce
-
-    current, rounds = edges_stage, 0
-    # The check's marker lives inside the stage it checks, so redoing that stage invalidates it.
-    while not out.run_stage(f"{current}/_check", check(current), manifest).info["converged"]:
+    current, rounds = edges, 0
+    while True:
         if rounds == max_rounds:
             raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
         rounds += 1
-        large, small = (
-            f"_stages/cc/round-{rounds:03d}-large",
-            f"_stages/cc/round-{rounds:03d}-small",
-        )
-        out.run_stage(large, step(current, large_star, large), manifest)
-        out.run_stage(small, step(large, small_star, small), manifest)
-        current = small
+        name = f"_stages/cc/round-{rounds:03d}"
+        info = out.run_stage(name, step(current, name), manifest).info
+
+        def current(name=name):
+            return out.read_dataset(name, ["u", "v"])
+
+        if info["changes"] == 0:
+            break
 
     def components(folder: str) -> dict:
-        comp = out.read_dataset(current).map_batches(
-            star_edges_to_components, batch_format="pyarrow"
+        rows = current().map_batches(component_rows, batch_format="pyarrow")
+        out.write_dataset(
+            partitioned(rows, ["uid"], num_partitions, distinct_nodes), folder, COMPONENT_SCHEMA
         )
-        comp = comp.groupby(["uid", "component"], num_partitions=num_partitions).count()
-        out.write_dataset(comp.select_columns(["uid", "component"]), folder, COMPONENT_SCHEMA)
-        return {"nodes": out.read_dataset("_stages/components").count()}
+        return {"nodes": out.count_rows("_stages/components")}
 
     out.run_stage("_stages/components", components, manifest)
     return "_stages/components", rounds

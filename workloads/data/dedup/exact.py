@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,13 +31,15 @@ from workloads.common.config import DataJobConfig, InputConfig
 from workloads.common.documents import DOCUMENT_SCHEMA, list_input_files, read_documents
 from workloads.common.manifest import JobFailed, JobManifest, finish_job
 from workloads.common.ray_runtime import init_ray
-from workloads.common.storage import OutputLayout
+from workloads.common.storage import OutputLayout, where
 from workloads.data.dedup.normalize import NormalizeConfig, normalize_text
 
 log = logging.getLogger(__name__)
 
 EXACT_DUPLICATE = "exact_duplicate"
 KEPT_COLUMNS = ["id", "text", "meta", "source", "line"]
+# Ingest files of 64 MB (in memory) at least: every later stage reads them, one task per file.
+INGEST_FILE_BYTES = 64 << 20
 INGEST_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("text_hash", pa.string()))
 REJECTS_SCHEMA = pa.schema(
     [DOCUMENT_SCHEMA.field(c) for c in ("id", "source", "line", "reject_reason", "raw")]
@@ -99,37 +103,52 @@ def keepers_only(batch: pa.Table) -> pa.Table:
 # Stages, shared with the MinHash job (which runs exact dedup first)
 
 
+def reason_counts(batch: pa.Table) -> pa.Table:
+    """Rejected records -> (reject_reason, n) for this batch; the driver adds up the batches."""
+    counts = pc.value_counts(batch["reject_reason"].combine_chunks())
+    return pa.table(
+        {"reject_reason": counts.field("values"), "n": counts.field("counts").cast(pa.int64())}
+    )
+
+
 def ingest_stages(
     out: OutputLayout,
     manifest: JobManifest,
     input_cfg: InputConfig,
     files,
     normalize: NormalizeConfig,
-    num_partitions: int,
+    *,
+    extra: tuple[Callable[..., pa.Table], dict[str, Any]] | None = None,
+    schema: pa.Schema = INGEST_SCHEMA,
 ) -> tuple[int, dict[str, int]]:
-    """`_stages/ingest` (every record, parsed and hashed) and `rejects/`. Returns (read, rejected by reason)."""
+    """`_stages/ingest` (every record, parsed and hashed) and `rejects/`. Returns (read, rejected by
+    reason). `extra` = (fn, kwargs) adds the caller's per-document columns in the same pass over
+    the text (the MinHash job's signatures); `schema` is then the ingest schema with them."""
 
     def ingest(folder: str) -> dict:
-        ds = read_documents(input_cfg, files).map_batches(
+        ds = read_documents(input_cfg, files, task_per_file=True).map_batches(
             add_text_hash, batch_format="pyarrow", fn_kwargs={"normalize": normalize}
         )
-        out.write_dataset(ds, folder, INGEST_SCHEMA)
-        return {"rows": out.read_dataset("_stages/ingest").count()}
+        if extra is not None:
+            ds = ds.map_batches(extra[0], batch_format="pyarrow", fn_kwargs=extra[1])
+        out.write_dataset(ds, folder, schema, min_bytes_per_file=INGEST_FILE_BYTES)
+        return {"rows": out.count_rows("_stages/ingest")}
 
     def rejects(folder: str) -> dict:
-        from ray.data.expressions import col
 
-        bad = out.read_dataset("_stages/ingest", REJECTS_SCHEMA.names).filter(
-            expr=col("reject_reason").is_not_null()
+        bad = where(
+            out.read_dataset("_stages/ingest", REJECTS_SCHEMA.names),
+            lambda b: pc.is_valid(b["reject_reason"]),
         )
         out.write_dataset(bad, folder, REJECTS_SCHEMA)
-        by_reason = (
-            out.read_dataset("rejects", ["reject_reason"])
-            .groupby("reject_reason", num_partitions=num_partitions)
-            .count()
-            .take_all()
-        )
-        return {"by_reason": {r["reject_reason"]: r["count()"] for r in by_reason}}
+        by_reason: dict[str, int] = {}
+        if out.count_rows("rejects"):
+            counted = out.read_dataset("rejects", ["reject_reason"]).map_batches(
+                reason_counts, batch_format="pyarrow"
+            )
+            for row in counted.take_all():  # a row per (batch, reason)
+                by_reason[row["reject_reason"]] = by_reason.get(row["reject_reason"], 0) + row["n"]
+        return {"by_reason": by_reason}
 
     read_rows = out.run_stage("_stages/ingest", ingest, manifest).info["rows"]
     rejected = out.run_stage("rejects", rejects, manifest).info["by_reason"]
@@ -138,13 +157,10 @@ def ingest_stages(
 
 def valid_documents(out: OutputLayout, columns: list[str]):
     """The ingested documents that were not rejected, as a Ray Dataset of `columns`."""
-    from ray.data.expressions import col
-
-    return (
-        out.read_dataset("_stages/ingest", [*columns, "reject_reason"])
-        .filter(expr=col("reject_reason").is_null())
-        .select_columns(columns)
-    )
+    return where(
+        out.read_dataset("_stages/ingest", [*columns, "reject_reason"]),
+        lambda b: pc.is_null(b["reject_reason"]),
+    ).select_columns(columns)
 
 
 @dataclass
@@ -166,7 +182,6 @@ def exact_stages(
     """`_stages/hash_groups`, then (id, duplicate_of) in `removed_name` and the kept documents in
     `kept_name`. Needs `ingest_stages` first."""
     from ray.data.aggregate import Count, Min
-    from ray.data.expressions import col
 
     def hash_groups(folder: str) -> dict:
         groups = (
@@ -175,14 +190,13 @@ def exact_stages(
             .aggregate(Min("id", alias_name="keeper"), Count(alias_name="size"))
         )
         out.write_dataset(groups, folder, HASH_GROUPS_SCHEMA)
-        return {"groups": out.read_dataset("_stages/hash_groups").count()}
+        return {"groups": out.count_rows("_stages/hash_groups")}
 
     def duplicate_groups():
-        return (
-            out.read_dataset("_stages/hash_groups", ["text_hash", "keeper", "size"])
-            .filter(expr=col("size") > 1)
-            .select_columns(["text_hash", "keeper"])
-        )
+        return where(
+            out.read_dataset("_stages/hash_groups", ["text_hash", "keeper", "size"]),
+            lambda b: pc.greater(b["size"], 1),
+        ).select_columns(["text_hash", "keeper"])
 
     def removed(folder: str) -> dict:
         pairs = valid_documents(out, ["id", "text_hash"]).join(
@@ -191,7 +205,7 @@ def exact_stages(
         out.write_dataset(
             pairs.map_batches(not_keeper, batch_format="pyarrow"), folder, REMOVED_SCHEMA
         )
-        return {"rows": out.read_dataset(removed_name).count()}
+        return {"rows": out.count_rows(removed_name)}
 
     def kept(folder: str) -> dict:
         joined = valid_documents(out, [*KEPT_COLUMNS, "text_hash"]).join(
@@ -203,7 +217,7 @@ def exact_stages(
         out.write_dataset(
             joined.map_batches(keepers_only, batch_format="pyarrow"), folder, KEPT_SCHEMA
         )
-        return {"rows": out.read_dataset(kept_name).count()}
+        return {"rows": out.count_rows(kept_name)}
 
     groups = out.run_stage("_stages/hash_groups", hash_groups, manifest).info["groups"]
     n_removed = out.run_stage(removed_name, removed, manifest).info["rows"]
@@ -224,12 +238,15 @@ def exact_stages(
 def run(cfg: ExactDedupConfig) -> JobManifest:
     files = list_input_files(cfg.input)  # a missing input fails here, before Ray starts
     manifest = JobManifest("dedup_exact", cfg)
-    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
+    out = OutputLayout(
+        cfg.output.path,
+        cfg.fingerprint(),
+        overwrite=cfg.output.mode == "overwrite",
+        task_footer_reads=True,
+    )
     init_ray(cfg.ray)
 
-    manifest.read, manifest.rejected = ingest_stages(
-        out, manifest, cfg.input, files, cfg.normalize, cfg.num_partitions
-    )
+    manifest.read, manifest.rejected = ingest_stages(out, manifest, cfg.input, files, cfg.normalize)
     result = exact_stages(out, manifest, cfg.num_partitions, cfg.input.id_field)
     manifest.kept = result.kept
     manifest.dropped = {EXACT_DUPLICATE: result.removed} if result.removed else {}

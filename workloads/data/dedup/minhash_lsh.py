@@ -5,22 +5,29 @@
         input.path=s3://bucket/corpus/ output.path=s3://bucket/dedup/ minhash.threshold=0.7
 
 Stages (Parquet under output.path; a rerun resumes at the first unfinished one):
-  _stages/ingest, rejects/        parse every record; bad ones go to rejects/ with a reason
-  _stages/hash_groups,            exact dedup first (exact.enabled): exact copies make the largest
-  _stages/exact_removed|kept        LSH buckets, so removing them first is the cheapest speed-up
-  _stages/signatures              (uid, id, length, signature[K]) for documents with >= n tokens
-  _stages/buckets                 (band, band_hash) groups of 2+ documents: root = min uid, size
-  _stages/edges                   a star per bucket: (uid, root) for every member but the root
-  _stages/cc/round-*              large-star / small-star rounds until a min-centred star forest
-  _stages/components              (uid, component)
-  _stages/verified                each member against its component's keeper: estimated Jaccard
-  removed/                        (id, duplicate_of): exact and near duplicates, resolved to a kept doc
-  clusters/                       (id, cluster_id) for every document in a cluster of 2 or more
-  kept/                           the documents that remain (id, text, meta, source, line)
+  _stages/ingest, rejects/   one pass over the text: parse (bad records go to rejects/ with a reason),
+                             exact hash, MinHash signature and LSH band keys
+  _stages/exact              exact dedup first (exact.enabled): one shuffle by text hash; per hash the
+                             lowest id is kept and only kept documents carry band keys on, since exact
+                             copies make the largest LSH buckets
+  _stages/buckets            one shuffle by (band, band_hash): a star per bucket of 2+ documents
+                             (member -> the bucket's minimum uid), and a row per bucket with its size
+  _stages/cc/round-*         large-star / small-star rounds until one changes nothing
+  _stages/components         (uid, component = the component's minimum uid)
+  _stages/verified           one join with the signatures, one shuffle by component: each member's
+                             estimated Jaccard to its component's keeper
+  removed/                   (id, duplicate_of): exact and near duplicates, resolved to a kept doc
+  clusters/                  (id, cluster_id) for every document in a cluster of 2 or more
+  kept/                      the documents that remain (id, text, meta, source, line)
 
-What moves in each shuffle is small and fixed-size: 20 bytes per (document, band) to find buckets and
-edges, 16 bytes per edge per connected-components step, and the signatures of duplicate candidates
-only. Document text moves once, in the final anti-join that writes kept/.
+Every group-wise step is one hash shuffle (`partition.partitioned`) whose blocks a numpy function
+handles whole, not a Ray Data aggregate plus a join back. Counts come from the Parquet footers
+(`OutputLayout.non_null`): a stage marks what it counts with a column that is null elsewhere. What
+moves in each shuffle is small and fixed-size: ~150 bytes per document (id, hash, band keys) for
+exact dedup, 20 bytes per (document, band) for buckets, 16 bytes per edge per components step, and
+the signatures of duplicate candidates only. The text is read once from the input and once from
+_stages/ingest for kept/, which drops the removed documents in a map (their uids broadcast) unless
+there are too many (broadcast_uids_mb), and then in an anti-join.
 """
 
 from __future__ import annotations
@@ -36,14 +43,15 @@ from workloads.common.config import DataJobConfig, StrictModel
 from workloads.common.documents import list_input_files
 from workloads.common.manifest import JobManifest, finish_job
 from workloads.common.ray_runtime import init_ray
-from workloads.common.storage import OutputLayout
-from workloads.data.dedup.components import EDGE_SCHEMA, connected_components
+from workloads.common.storage import OutputLayout, where
+from workloads.data.dedup.components import connected_components
 from workloads.data.dedup.exact import (
     EXACT_DUPLICATE,
+    INGEST_SCHEMA,
     KEPT_COLUMNS,
     KEPT_SCHEMA,
     REMOVED_SCHEMA,
-    exact_stages,
+    DuplicateIdsError,
     ingest_stages,
     valid_documents,
 )
@@ -56,6 +64,7 @@ from workloads.data.dedup.minhash import (
     shingle_hashes,
 )
 from workloads.data.dedup.normalize import NormalizeConfig
+from workloads.data.dedup.partition import group_starts, partitioned
 
 NEAR_DUPLICATE = "near_duplicate"
 _LINE_BITS = 40  # uid = file index << 40 | line: 2^40 lines per file, 2^23 files
@@ -92,11 +101,27 @@ class MinHashDedupConfig(DataJobConfig):
     max_cc_rounds: int = Field(
         default=30, ge=1, description="Give up if components have not converged."
     )
+    broadcast_uids_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Largest set of document uids (8 bytes each) sent to every task instead of a "
+        "shuffle: the members of duplicate clusters (only their signatures then go to "
+        "verification) and the removed documents (kept/ is then a map, not an anti-join that "
+        "moves the text).",
+    )
 
 
-SIGNATURE_FIELDS = ["uid", "id", "length", "signature"]
 BUCKET_SCHEMA = pa.schema(
-    [("band", pa.int32()), ("band_hash", pa.uint64()), ("root", pa.int64()), ("size", pa.int64())]
+    [("u", pa.int64()), ("v", pa.int64()), ("size", pa.int64()), ("oversized", pa.int64())]
+)
+EXACT_SCHEMA = pa.schema(
+    [
+        ("uid", pa.int64()),
+        ("id", pa.string()),
+        ("duplicate_of", pa.string()),  # the exact copy kept; null for the kept one
+        ("same_id", pa.bool_()),  # true where a copy has its keeper's id; else null
+        ("bands", pa.list_(pa.uint64())),  # LSH band keys of kept documents with shingles
+    ]
 )
 VERIFIED_SCHEMA = pa.schema(
     [
@@ -105,97 +130,200 @@ VERIFIED_SCHEMA = pa.schema(
         ("component", pa.int64()),
         ("keeper_id", pa.string()),
         ("jaccard", pa.float32()),
-        ("duplicate", pa.bool_()),
+        ("keeper", pa.bool_()),  # true for the component's keeper, else null
+        ("duplicate", pa.bool_()),  # true for a verified duplicate, else null
     ]
 )
 CLUSTER_SCHEMA = pa.schema([("id", pa.string()), ("cluster_id", pa.string())])
 
 
-def signature_schema(minhash: MinHashConfig) -> pa.Schema:
+def ingest_schema(minhash: MinHashConfig) -> pa.Schema:
     value = pa.uint32() if minhash.bits == 32 else pa.uint64()
-    return pa.schema(
-        [
-            ("uid", pa.int64()),
-            ("id", pa.string()),
-            ("length", pa.int64()),
-            ("signature", pa.list_(value, minhash.num_perm)),
-        ]
+    return (
+        INGEST_SCHEMA.append(pa.field("length", pa.int64()))
+        .append(pa.field("signature", pa.list_(value, minhash.num_perm)))
+        .append(pa.field("bands", pa.list_(pa.uint64())))
+        .append(pa.field("too_short", pa.bool_()))
     )
+
+
+def _flags(mask: np.ndarray) -> pa.Array:
+    """True where `mask`, null elsewhere: what the stage footers count (OutputLayout.non_null)."""
+    return pa.array(np.where(mask, True, None) if len(mask) else [], pa.bool_())
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-batch logic
 
 
-def signature_rows(
-    batch: pa.Table, *, shingle: ShingleConfig, minhash: MinHashConfig, file_index: dict[str, int]
+def signature_columns(
+    batch: pa.Table, *, shingle: ShingleConfig, minhash: MinHashConfig, bands: int, rows: int
 ) -> pa.Table:
-    """Documents -> (uid, id, length, signature) for those with at least one shingle."""
-    hashes, counts = shingle_hashes(batch["text"], shingle, minhash.seed)
+    """Ingested records -> + (length, signature, bands, too_short). Signature and band keys are null
+    for rejected records and for documents with fewer tokens than the n-gram (`too_short`, kept
+    and counted)."""
+    text = batch["text"]
+    hashes, counts = shingle_hashes(text, shingle, minhash.seed)
     sigs = minhash_signatures(hashes, counts, minhash)
+    valid = np.asarray(pc.is_valid(text))
     has = counts > 0
-    files = np.array([file_index[s] for s in batch["source"].to_pylist()], dtype=np.int64)
-    uid = (files << _LINE_BITS) | batch["line"].to_numpy().astype(np.int64)
     value = pa.uint32() if minhash.bits == 32 else pa.uint64()
-    flat = pa.array(sigs[has].reshape(-1), type=value)
+    signature = pa.FixedSizeListArray.from_arrays(
+        pa.array(sigs.reshape(-1), type=value), minhash.num_perm, mask=pa.array(~has)
+    )
+    return (
+        batch.append_column("length", pc.utf8_length(text).cast(pa.int64()))
+        .append_column("signature", signature)
+        .append_column("bands", band_keys(signature, bands, rows))
+        .append_column("too_short", _flags(valid & ~has))
+    )
+
+
+def with_uid(batch: pa.Table, *, sources: pa.Array, columns: list[str]) -> pa.Table:
+    """+ uid = index of the source file << 40 | line: unique, an int64 for every shuffle."""
+    files = pc.index_in(batch["source"], value_set=sources).to_numpy().astype(np.int64)
+    uid = (files << _LINE_BITS) | batch["line"].to_numpy().astype(np.int64)
+    return batch.append_column("uid", pa.array(uid, pa.int64())).select(columns)
+
+
+def signature_matrix(signature) -> np.ndarray:
+    """Fixed-size list signatures -> (n x K) numpy, without copying; null rows hold filler."""
+    signature = signature.combine_chunks() if isinstance(signature, pa.ChunkedArray) else signature
+    n, width = len(signature), signature.type.list_size
+    values = np.asarray(signature.values)  # the child array ignores the list's own offset
+    return values[signature.offset * width : (signature.offset + n) * width].reshape(n, width)
+
+
+def band_keys(signature: pa.Array, bands: int, rows: int) -> pa.Array:
+    """Fixed-size signatures (nulls allowed) -> a list of `bands` LSH keys each (null stays null)."""
+    signature = signature.combine_chunks() if isinstance(signature, pa.ChunkedArray) else signature
+    valid = np.asarray(pc.is_valid(signature))
+    n = len(signature)
+    keys = band_hashes(signature_matrix(signature), bands, rows)
+    offsets = np.arange(0, (n + 1) * bands, bands, dtype=np.int32)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(keys.reshape(-1), pa.uint64()), mask=pa.array(~valid)
+    )
+
+
+def exact_block(block: pa.Table) -> pa.Table:
+    """One hash partition of (uid, id, text_hash, bands) -> EXACT_SCHEMA rows: per text hash the
+    lowest id is kept, the rest point at it; kept documents carry their band keys."""
+    if not len(block):
+        return EXACT_SCHEMA.empty_table()
+    block = block.sort_by([("text_hash", "ascending"), ("id", "ascending")])
+    h = block["text_hash"].combine_chunks()
+    ids = block["id"].combine_chunks()
+    n = len(block)
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        starts[1:] = np.asarray(pc.not_equal(h.slice(1), h.slice(0, n - 1)))
+    first = np.flatnonzero(starts)
+    keeper = first[np.cumsum(starts) - 1]
+    keeper_id = ids.take(pa.array(keeper))
+    duplicate_of = pc.if_else(pa.array(starts), pa.nulls(n, pa.string()), keeper_id)
+    keys = block["bands"].combine_chunks()
+    keys = pc.if_else(pa.array(starts), keys, pa.nulls(n, keys.type))
+    same = ~starts & np.asarray(pc.equal(ids, keeper_id))
     return pa.table(
         {
-            "uid": uid[has],
-            "id": batch["id"].filter(pa.array(has)),
-            "length": pc.utf8_length(batch["text"]).filter(pa.array(has)).cast(pa.int64()),
-            "signature": pa.FixedSizeListArray.from_arrays(flat, minhash.num_perm),
+            "uid": block["uid"],
+            "id": ids,
+            "duplicate_of": duplicate_of,
+            "same_id": _flags(same),
+            "bands": keys,
+        },
+        schema=EXACT_SCHEMA,
+    )
+
+
+def lsh_band_rows(batch: pa.Table) -> pa.Table:
+    """(uid, bands) -> one (band, band_hash, uid) row per band of each document that has them."""
+    has = pc.is_valid(batch["bands"])
+    keys = batch["bands"].filter(has).combine_chunks()
+    uid = batch["uid"].filter(has).to_numpy()
+    per_doc = len(keys.values) // len(keys) if len(keys) else 0
+    return pa.table(
+        {
+            "band": np.tile(np.arange(per_doc, dtype=np.int32), len(keys)),
+            "band_hash": np.asarray(keys.flatten()),
+            "uid": np.repeat(uid, per_doc),
         }
     )
 
 
-def band_rows(batch: pa.Table, *, bands: int, rows: int) -> pa.Table:
-    """(uid, signature) -> one (band, band_hash, uid) row per band."""
-    sig = np.asarray(batch["signature"].combine_chunks().flatten()).reshape(len(batch), -1)
-    keys = band_hashes(sig, bands, rows)
+def bucket_block(block: pa.Table, *, max_bucket_size: int) -> pa.Table:
+    """One hash partition of (band, band_hash, uid) -> BUCKET_SCHEMA rows: a star per bucket of two
+    or more (u = member, v = the bucket's minimum uid, n-1 edges, never a clique), deduplicated in
+    the partition, and a row per bucket (u = v = root) with its size, and again under `oversized`
+    when it is above `max_bucket_size`. Work and memory are linear in the bucket's size."""
+    if not len(block):
+        return BUCKET_SCHEMA.empty_table()
+    band = block["band"].to_numpy()
+    key = block["band_hash"].to_numpy()
+    uid = block["uid"].to_numpy()
+    order = np.lexsort((uid, key, band))
+    band, key, uid = band[order], key[order], uid[order]
+    starts = group_starts(band, key)
+    first = np.flatnonzero(starts)
+    sizes = np.diff(np.append(first, len(uid)))
+    root = uid[first][np.cumsum(starts) - 1]
+    member = ~starts
+    u, v = uid[member], root[member]
+    order = np.lexsort((v, u))
+    u, v = u[order], v[order]
+    distinct = group_starts(u, v)
+    buckets = sizes > 1
+    size = sizes[buckets]
+    n_edges = int(distinct.sum())
     return pa.table(
         {
-            "band": np.tile(np.arange(bands, dtype=np.int32), len(batch)),
-            "band_hash": keys.reshape(-1),
-            "uid": np.repeat(batch["uid"].to_numpy(), bands),
-        }
+            "u": np.concatenate([u[distinct], uid[first][buckets]]),
+            "v": np.concatenate([v[distinct], uid[first][buckets]]),
+            "size": pa.concat_arrays([pa.nulls(n_edges, pa.int64()), pa.array(size, pa.int64())]),
+            "oversized": pa.concat_arrays(
+                [
+                    pa.nulls(n_edges, pa.int64()),
+                    pa.array(np.where(size > max_bucket_size, size, None), pa.int64())
+                    if len(size)
+                    else pa.array([], pa.int64()),
+                ]
+            ),
+        },
+        schema=BUCKET_SCHEMA,
     )
 
 
-def bucket_edges(batch: pa.Table) -> pa.Table:
-    """(band, band_hash, uid, root) -> (u = uid, v = root) for every member but the root."""
-    keep = pc.not_equal(batch["uid"], batch["root"])
-    return pa.table(
-        {"u": batch["uid"].filter(keep), "v": batch["root"].filter(keep)}, schema=EDGE_SCHEMA
+def verify_block(block: pa.Table, *, keep: str, threshold: float, enabled: bool) -> pa.Table:
+    """One hash partition of (uid, component, id, length, signature) -> VERIFIED_SCHEMA rows: per
+    component the keeper (lowest id, or longest then lowest id) and every member's estimated
+    Jaccard to it; a member is a duplicate when that reaches the threshold (or always, unverified)."""
+    if not len(block):
+        return VERIFIED_SCHEMA.empty_table()
+    rank = (
+        pc.negate(block["length"])
+        if keep == "longest"
+        else pa.array(np.zeros(len(block), np.int64))
     )
-
-
-def keep_key(batch: pa.Table, *, keep: str) -> pa.Table:
-    """A sortable string whose minimum over a component is its keeper: rank, then id."""
-    ids = batch["id"].to_pylist()
-    if keep == "longest":
-        ranks = (1 << 40) - batch["length"].to_numpy()
-    else:
-        ranks = np.zeros(len(ids), dtype=np.int64)
-    keys = [f"{r:013d}:{i}" for r, i in zip(ranks.tolist(), ids, strict=True)]
-    return batch.append_column("keep_key", pa.array(keys, pa.string()))
-
-
-def verify_against_keeper(batch: pa.Table, *, threshold: float, enabled: bool) -> pa.Table:
-    """Members joined with their keeper's signature -> VERIFIED_SCHEMA rows."""
-    n = len(batch)
-    sig = np.asarray(batch["signature"].combine_chunks().flatten()).reshape(n, -1)
-    ksig = np.asarray(batch["keeper_signature"].combine_chunks().flatten()).reshape(n, -1)
-    jac = estimated_jaccard(sig, ksig).astype(np.float32)
-    is_keeper = pc.equal(batch["id"], batch["keeper_id"]).to_numpy(zero_copy_only=False)
-    duplicate = ~is_keeper & ((jac >= threshold) if enabled else True)
+    block = block.append_column("rank", rank).sort_by(
+        [("component", "ascending"), ("rank", "ascending"), ("id", "ascending")]
+    )
+    comp = block["component"].to_numpy()
+    starts = group_starts(comp)
+    keeper = np.flatnonzero(starts)[np.cumsum(starts) - 1]
+    sig = signature_matrix(block["signature"])
+    jac = estimated_jaccard(sig, sig[keeper]).astype(np.float32)
+    ids = block["id"].combine_chunks()
+    duplicate = ~starts & ((jac >= threshold) if enabled else True)
     return pa.table(
         {
-            "uid": batch["uid"],
-            "id": batch["id"],
-            "component": batch["component"],
-            "keeper_id": batch["keeper_id"],
+            "uid": block["uid"],
+            "id": ids,
+            "component": comp,
+            "keeper_id": ids.take(pa.array(keeper)),
             "jaccard": jac,
-            "duplicate": duplicate,
+            "keeper": _flags(starts),
+            "duplicate": _flags(duplicate),
         },
         schema=VERIFIED_SCHEMA,
     )
@@ -207,144 +335,194 @@ def resolve_chain(batch: pa.Table) -> pa.Table:
     return pa.table({"id": batch["id"], "duplicate_of": final}, schema=REMOVED_SCHEMA)
 
 
+def cluster_block(block: pa.Table) -> pa.Table:
+    """One hash partition of removed (id, duplicate_of) by duplicate_of -> (id, cluster_id) for every
+    removed document and, once, for each keeper."""
+    keepers = pc.unique(block["duplicate_of"].combine_chunks())
+    return pa.table(
+        {
+            "id": pa.chunked_array(block["id"].chunks + [keepers], pa.string()),
+            "cluster_id": pa.chunked_array(block["duplicate_of"].chunks + [keepers], pa.string()),
+        },
+        schema=CLUSTER_SCHEMA,
+    )
+
+
+def in_uids(uid: np.ndarray, uids: np.ndarray) -> np.ndarray:
+    """Which of `uid` are in the sorted `uids`."""
+    if not len(uids):
+        return np.zeros(len(uid), dtype=bool)
+    at = np.minimum(np.searchsorted(uids, uid), len(uids) - 1)
+    return uids[at] == uid
+
+
+def sorted_uids(ds) -> np.ndarray:
+    """The distinct `uid` values of a Dataset, sorted, on the driver: only for sets that the caller
+    has checked are small (`broadcast_uids_mb`)."""
+    chunks = [
+        b["uid"]
+        for b in ds.select_columns(["uid"]).iter_batches(batch_format="numpy", batch_size=None)
+    ]
+    return np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
+
+
+def select_uids(batch: pa.Table, *, uids: np.ndarray, keep: bool, columns: list[str]) -> pa.Table:
+    """Rows (with uid) whose uid is in the sorted `uids` (keep) or not in it (drop), as `columns`."""
+    found = in_uids(batch["uid"].to_numpy(), uids)
+    return batch.filter(pa.array(found if keep else ~found)).select(columns)
+
+
 # ---------------------------------------------------------------------------------------------
 # The job
 
 
 def run(cfg: MinHashDedupConfig) -> JobManifest:
-    from ray.data.aggregate import Count, Min
-    from ray.data.expressions import col
-
     files = list_input_files(cfg.input)  # a missing input fails here, before Ray starts
     bands, rows = cfg.minhash.band_params()
     manifest = JobManifest("dedup_minhash", cfg)
-    out = OutputLayout(cfg.output.path, cfg.fingerprint(), overwrite=cfg.output.mode == "overwrite")
+    out = OutputLayout(
+        cfg.output.path,
+        cfg.fingerprint(),
+        overwrite=cfg.output.mode == "overwrite",
+        task_footer_reads=True,
+    )
     init_ray(cfg.ray)
     read, write, stage = out.read_dataset, out.write_dataset, out.run_stage
     parts = cfg.num_partitions
 
+    # 1. One pass over the text: parse, exact hash, MinHash signature, band keys.
     manifest.read, manifest.rejected = ingest_stages(
-        out, manifest, cfg.input, files, cfg.exact.normalize, parts
+        out,
+        manifest,
+        cfg.input,
+        files,
+        cfg.exact.normalize,
+        extra=(
+            signature_columns,
+            {"shingle": cfg.shingle, "minhash": cfg.minhash, "bands": bands, "rows": rows},
+        ),
+        schema=ingest_schema(cfg.minhash),
     )
-    exact_removed = 0
-    if cfg.exact.enabled:
-        exact = exact_stages(
-            out,
-            manifest,
-            parts,
-            cfg.input.id_field,
-            removed_name="_stages/exact_removed",
-            kept_name="_stages/exact_kept",
-        )
-        exact_removed = exact.removed
+    n_rejected = sum(manifest.rejected.values())
+    n_docs = manifest.read - n_rejected
+    n_short = out.non_null("_stages/ingest", "too_short")
+    sig_info = {"documents": n_docs, "signatures": n_docs - n_short, "short_documents": n_short}
+    # Input files by name (a canonical input keeps its records' original source): uid = file, line.
+    distinct = read("_stages/ingest", ["source"]).map_batches(
+        lambda b: pa.table({"source": pc.unique(b["source"].combine_chunks())}),
+        batch_format="pyarrow",
+    )
+    sources = pa.array(sorted({r["source"] for r in distinct.take_all()}), pa.string())
 
     def documents(columns: list[str]):
+        """Valid documents, with their uid, as `columns`."""
+        needed = list(dict.fromkeys(["source", "line", *[c for c in columns if c != "uid"]]))
+        return valid_documents(out, needed).map_batches(
+            with_uid, batch_format="pyarrow", fn_kwargs={"sources": sources, "columns": columns}
+        )
+
+    # 2. Exact copies: one shuffle by text hash; each partition keeps the lowest id per hash.
+    exact_removed = 0
+    if cfg.exact.enabled:
+
+        def exact(folder: str) -> dict:
+            docs = documents(["uid", "id", "text_hash", "bands"])
+            write(
+                partitioned(docs, ["text_hash"], parts, exact_block),
+                folder,
+                EXACT_SCHEMA,
+            )
+            name = "_stages/exact"
+            return {
+                "rows": out.count_rows(name),
+                "removed": out.non_null(name, "duplicate_of"),
+                "same_id": out.non_null(name, "same_id"),
+            }
+
+        exact_info = stage("_stages/exact", exact, manifest).info
+        exact_removed = exact_info["removed"]
+        if exact_info["same_id"]:
+            raise DuplicateIdsError(
+                f"{exact_info['same_id']} documents share both their text and their id "
+                f"({cfg.input.id_field!r}) with another. Ids must be unique; set "
+                "input.id_field=null to use <file>:<line> ids."
+            )
+
+    def exact_copies(columns: list[str]):
+        """Documents that exact dedup removed (`duplicate_of` set)."""
+        return where(read("_stages/exact", columns), lambda b: pc.is_valid(b["duplicate_of"]))
+
+    def lsh_documents():
         if cfg.exact.enabled:
-            return read("_stages/exact_kept", columns)
-        return valid_documents(out, columns)
+            return where(
+                read("_stages/exact", ["uid", "duplicate_of", "bands"]),
+                lambda b: pc.is_null(b["duplicate_of"]),
+            )
+        return documents(["uid", "bands"])
 
-    def signatures(folder: str) -> dict:
-        docs = documents(["id", "text", "source", "line"])
-        sources = sorted(docs.unique("source"))  # one name per input file, not per document
-        ds = docs.map_batches(
-            signature_rows,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "shingle": cfg.shingle,
-                "minhash": cfg.minhash,
-                "file_index": {s: i for i, s in enumerate(sources)},
-            },
-        )
-        write(ds, folder, signature_schema(cfg.minhash))
-        n_docs, n_sigs = documents(["id"]).count(), read("_stages/signatures", ["uid"]).count()
-        return {"documents": n_docs, "signatures": n_sigs, "short_documents": n_docs - n_sigs}
-
-    sig_info = stage("_stages/signatures", signatures, manifest).info
-
-    def bands_of_signatures():
-        return read("_stages/signatures", ["uid", "signature"]).map_batches(
-            band_rows, batch_format="pyarrow", fn_kwargs={"bands": bands, "rows": rows}
-        )
-
+    # 3. LSH buckets -> star edges: one shuffle by (band, band_hash).
     def buckets(folder: str) -> dict:
-        groups = (
-            bands_of_signatures()
-            .groupby(["band", "band_hash"], num_partitions=parts)
-            .aggregate(Min("uid", alias_name="root"), Count(alias_name="size"))
+        band_rows = lsh_documents().map_batches(lsh_band_rows, batch_format="pyarrow")
+        write(
+            partitioned(
+                band_rows,
+                ["band", "band_hash"],
+                parts,
+                bucket_block,
+                max_bucket_size=cfg.max_bucket_size,
+            ),
+            folder,
+            BUCKET_SCHEMA,
         )
-        write(groups.filter(expr=col("size") > 1), folder, BUCKET_SCHEMA)
-        written = read("_stages/buckets")
+        name = "_stages/buckets"
+        n_buckets = out.non_null(name, "size")
         return {
-            "buckets": written.count(),
-            "oversized_buckets": written.filter(expr=col("size") > cfg.max_bucket_size).count(),
-            "largest_bucket": written.max("size") or 0,
+            "buckets": n_buckets,
+            "oversized_buckets": out.non_null(name, "oversized"),
+            "largest_bucket": out.max_value(name, "size") or 0,
+            "edges": out.count_rows(name) - n_buckets,
         }
 
     bucket_info = stage("_stages/buckets", buckets, manifest).info
+    edge_info = {"edges": bucket_info.pop("edges")}
 
-    def edges(folder: str) -> dict:
-        members = bands_of_signatures().join(
-            read("_stages/buckets", ["band", "band_hash", "root"]),
-            join_type="inner",
-            num_partitions=parts,
-            on=("band", "band_hash"),
-        )
-        star = members.map_batches(bucket_edges, batch_format="pyarrow")
-        distinct = star.groupby(["u", "v"], num_partitions=parts).count().select_columns(["u", "v"])
-        write(distinct, folder, EDGE_SCHEMA)
-        return {"edges": read("_stages/edges").count()}
-
-    edge_info = stage("_stages/edges", edges, manifest).info
+    # 4. Connected components: large-star / small-star rounds, one execution each.
     components, rounds = connected_components(
-        out, manifest, "_stages/edges", parts, cfg.max_cc_rounds
+        out,
+        manifest,
+        lambda: where(read("_stages/buckets", ["u", "v"]), lambda b: pc.not_equal(b["u"], b["v"])),
+        parts,
+        cfg.max_cc_rounds,
     )
 
+    # 5. Verification: members joined with their signatures, one shuffle by component.
     def verified(folder: str) -> dict:
-        members = (
-            read(components)
-            .join(
-                read("_stages/signatures", SIGNATURE_FIELDS),
-                join_type="inner",
-                num_partitions=parts,
-                on=("uid",),
-            )
-            .map_batches(keep_key, batch_format="pyarrow", fn_kwargs={"keep": cfg.keep})
-        )
-        keepers = (
-            members.groupby("component", num_partitions=parts)
-            .aggregate(Min("keep_key", alias_name="keeper_key"))
-            .map_batches(
-                lambda b: pa.table(
-                    {
-                        "component": b["component"],
-                        "keeper_id": pc.utf8_slice_codeunits(b["keeper_key"], 14),
-                    }
-                ),
+        columns = ["uid", "id", "length", "signature"]
+        docs = documents(columns)
+        if out.count_rows(components) * 8 <= cfg.broadcast_uids_mb * 2**20:
+            # Only the candidates' signatures go into the join, not every document's.
+            docs = docs.map_batches(
+                select_uids,
                 batch_format="pyarrow",
+                fn_kwargs={"uids": sorted_uids(read(components)), "keep": True, "columns": columns},
             )
-        )
-        keeper_sigs = members.select_columns(["id", "signature"]).rename_columns(
-            {"id": "keeper_id", "signature": "keeper_signature"}
-        )
-        joined = members.join(
-            keepers, join_type="inner", num_partitions=parts, on=("component",)
-        ).join(keeper_sigs, join_type="inner", num_partitions=parts, on=("keeper_id",))
+        members = read(components).join(docs, join_type="inner", num_partitions=parts, on=("uid",))
         write(
-            joined.map_batches(
-                verify_against_keeper,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "threshold": cfg.minhash.threshold,
-                    "enabled": cfg.verify,
-                },
+            partitioned(
+                members,
+                ["component"],
+                parts,
+                verify_block,
+                keep=cfg.keep,
+                threshold=cfg.minhash.threshold,
+                enabled=cfg.verify,
             ),
             folder,
             VERIFIED_SCHEMA,
         )
-        v = read("_stages/verified")
-        n_members = v.count()
-        n_dup = v.filter(expr=col("duplicate")).count()
-        n_components = v.groupby("component", num_partitions=parts).count().count()
+        name = "_stages/verified"
+        n_members, n_dup = out.count_rows(name), out.non_null(name, "duplicate")
+        n_components = out.non_null(name, "keeper")
         return {
             "members": n_members,
             "components": n_components,
@@ -354,55 +532,63 @@ def run(cfg: MinHashDedupConfig) -> JobManifest:
 
     verify_info = stage("_stages/verified", verified, manifest).info
 
+    def near_duplicates(columns: list[str]):
+        """Members that verification found duplicates of their keeper."""
+        return where(read("_stages/verified", columns), lambda b: pc.is_valid(b["duplicate"]))
+
     def near_removed():
-        return (
-            read("_stages/verified", ["id", "keeper_id", "duplicate"])
-            .filter(expr=col("duplicate"))
-            .map_batches(
-                lambda b: pa.table({"id": b["id"], "duplicate_of": b["keeper_id"]}),
-                batch_format="pyarrow",
-            )
+        return near_duplicates(["id", "keeper_id", "duplicate"]).map_batches(
+            lambda b: pa.table({"id": b["id"], "duplicate_of": b["keeper_id"]}),
+            batch_format="pyarrow",
         )
 
+    # 6. Outputs.
     def removed(folder: str) -> dict:
         ds = near_removed()
         if cfg.exact.enabled:
             final = near_removed().rename_columns({"id": "duplicate_of", "duplicate_of": "final"})
             chained = (
-                read("_stages/exact_removed")
+                exact_copies(["id", "duplicate_of"])
                 .join(final, join_type="left_outer", num_partitions=parts, on=("duplicate_of",))
                 .map_batches(resolve_chain, batch_format="pyarrow")
             )
             ds = ds.union(chained)
         write(ds, folder, REMOVED_SCHEMA)
-        return {"rows": read("removed").count()}
+        return {"rows": out.count_rows("removed")}
 
     n_removed = stage("removed", removed, manifest).info["rows"]
 
     def clusters(folder: str) -> dict:
-        dups = read("removed").rename_columns({"duplicate_of": "cluster_id"})
-        keepers = (
-            dups.groupby("cluster_id", num_partitions=parts)
-            .count()
-            .map_batches(
-                lambda b: pa.table({"id": b["cluster_id"], "cluster_id": b["cluster_id"]}),
-                batch_format="pyarrow",
-            )
+        write(
+            partitioned(read("removed"), ["duplicate_of"], parts, cluster_block),
+            folder,
+            CLUSTER_SCHEMA,
         )
-        write(dups.union(keepers), folder, CLUSTER_SCHEMA)
-        return {"rows": read("clusters").count()}
+        return {"rows": out.count_rows("clusters")}
 
     stage("clusters", clusters, manifest)
 
+    def removed_uids() -> np.ndarray:
+        """The removed documents' uids, sorted: exact copies and verified near duplicates."""
+        removed_docs = near_duplicates(["uid", "duplicate"])
+        if cfg.exact.enabled:
+            removed_docs = removed_docs.union(exact_copies(["uid", "duplicate_of"]))
+        return sorted_uids(removed_docs)
+
     def kept(folder: str) -> dict:
-        ds = documents(KEPT_COLUMNS).join(
-            near_removed().select_columns(["id"]),
-            join_type="left_anti",
-            num_partitions=parts,
-            on=("id",),
-        )
+        if n_removed * 8 <= cfg.broadcast_uids_mb * 2**20:
+            # Few enough to send to every task: a map over the documents, no shuffle of the text.
+            ds = documents([*KEPT_COLUMNS, "uid"]).map_batches(
+                select_uids,
+                batch_format="pyarrow",
+                fn_kwargs={"uids": removed_uids(), "keep": False, "columns": KEPT_COLUMNS},
+            )
+        else:
+            ds = valid_documents(out, KEPT_COLUMNS).join(
+                read("removed", ["id"]), join_type="left_anti", num_partitions=parts, on=("id",)
+            )
         write(ds, folder, KEPT_SCHEMA)
-        return {"rows": read("kept").count()}
+        return {"rows": out.count_rows("kept")}
 
     manifest.kept = stage("kept", kept, manifest).info["rows"]
     near = n_removed - exact_removed

@@ -10,7 +10,6 @@ from pydantic import Field
 
 from workloads.common.config import StrictModel
 
-_WHITESPACE = re.compile(r"\s+")
 _PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 _DIGITS = re.compile(r"\d")
 
@@ -37,5 +36,6 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     if cfg.fold_digits:
         text = _DIGITS.sub("0", text)
     if cfg.collapse_whitespace:
-        text = _WHITESPACE.sub(" ", text).strip()
+        # str.split() splits on exactly what re's \s matches (str.isspace()), several times faster
+        text = " ".join(text.split())
     return text
