@@ -37,14 +37,16 @@ def ray_session():
     import ray
     from ray.data import DataContext
 
-    from workloads.common.ray_runtime import local_system_config
-
+    # Idle workers above Ray's soft limit (the CPU count) live a minute instead of a second, so a
+    # job's shuffles find them warm, but the session does not keep them all (as a job's own Ray
+    # does, local_system_config): later tests run vLLM engines on the same machine and need the
+    # memory that workers which imported torch would hold.
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        _system_config=local_system_config(2),
+        _system_config={"idle_worker_killing_time_threshold_ms": 60_000},
     )
     DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -32,8 +32,10 @@ def local_system_config(num_cpus: int | None) -> dict:
     for cold Python processes: measured on 2 cores, a keyed repartition of 4,000 rows took 6.5 s
     with the defaults and 0.2 s with warm workers, a join 6 s and 0.2 s, and a Parquet write
     3 s and 0.2 s. Room for four workers per CPU covers the default pool and Ray Data's two.
-    On a cluster, set the same keys on `ray start` as RAY_num_workers_soft_limit and
-    RAY_idle_worker_killing_time_threshold_ms (the KubeRay manifests do)."""
+    Idle workers up to the soft limit are never killed, so this Ray keeps up to four per CPU
+    (those that imported torch hold a GB or more): right for a job's own Ray, which ends with
+    the job. On a cluster, set the same keys on `ray start` as RAY_num_workers_soft_limit and
+    RAY_idle_worker_killing_time_threshold_ms (the dedup RayJob does)."""
     cpus = num_cpus or os.cpu_count() or 1
     return {
         "num_workers_soft_limit": 4 * cpus,
