@@ -93,7 +93,9 @@ def test_band_rows_and_buckets_emit_a_star_to_the_minimum_never_a_clique():
     uid = pa.array([7, 3, 9, 4], pa.int64())
     keys = pa.array([[1, 2], [1, 5], [1, 2], [6, 7]], pa.list_(pa.uint64()))
     rows = lsh_band_rows(pa.table({"uid": uid, "bands": keys}))
-    assert rows.num_rows == 8 and rows["band"].to_pylist() == [0, 1] * 4
+    # Pre-aggregated in the map: one row per (band, key) of the batch, with its members.
+    got = sorted((r["band"], r["band_hash"], r["uids"]) for r in rows.to_pylist())
+    assert got == [(0, 1, [3, 7, 9]), (0, 6, [4]), (1, 2, [7, 9]), (1, 5, [3]), (1, 7, [4])]
     out = bucket_block(rows, max_bucket_size=2).to_pylist()
     edges = sorted((r["u"], r["v"]) for r in out if r["size"] is None)
     buckets = sorted((r["u"], r["size"], r["oversized"]) for r in out if r["size"] is not None)
@@ -102,12 +104,20 @@ def test_band_rows_and_buckets_emit_a_star_to_the_minimum_never_a_clique():
     assert buckets == [(3, 3, 3), (7, 2, None)]  # the bucket of 3 is over max_bucket_size=2
 
 
+def test_a_bucket_split_over_map_batches_is_joined_in_its_partition():
+    first = lsh_band_rows(pa.table({"uid": pa.array([8, 6], pa.int64()), "bands": [[5], [5]]}))
+    second = lsh_band_rows(pa.table({"uid": pa.array([2], pa.int64()), "bands": [[5]]}))
+    out = bucket_block(pa.concat_tables([first, second]), max_bucket_size=10).to_pylist()
+    assert sorted((r["u"], r["v"]) for r in out if r["size"] is None) == [(6, 2), (8, 2)]
+    assert [r["size"] for r in out if r["size"] is not None] == [3]
+
+
 def test_bucket_edges_found_in_several_bands_are_written_once():
     rows = pa.table(
         {
-            "band": pa.array([0, 0, 1, 1], pa.int32()),
-            "band_hash": pa.array([5, 5, 6, 6], pa.uint64()),
-            "uid": pa.array([2, 1, 2, 1], pa.int64()),
+            "band": pa.array([0, 1], pa.int32()),
+            "band_hash": pa.array([5, 6], pa.uint64()),
+            "uids": pa.array([[1, 2], [1, 2]], pa.list_(pa.int64())),
         }
     )
     edges = [r for r in bucket_block(rows, max_bucket_size=10).to_pylist() if r["size"] is None]

@@ -10,7 +10,8 @@ Stages (Parquet under output.path; a rerun resumes at the first unfinished one):
   _stages/exact              exact dedup first (exact.enabled): one shuffle by text hash; per hash the
                              lowest id is kept and only kept documents carry band keys on, since exact
                              copies make the largest LSH buckets
-  _stages/buckets            one shuffle by (band, band_hash): a star per bucket of 2+ documents
+  _stages/buckets            one shuffle by (band, band_hash), members pre-aggregated per map batch:
+                             a star per bucket of 2+ documents
                              (member -> the bucket's minimum uid), and a row per bucket with its size
   _stages/cc/round-*         large-star / small-star rounds until one changes nothing
   _stages/components         (uid, component = the component's minimum uid)
@@ -24,8 +25,9 @@ Every group-wise step is one hash shuffle (`partition.partitioned`) whose blocks
 handles whole, not a Ray Data aggregate plus a join back. Counts come from the Parquet footers
 (`OutputLayout.non_null`): a stage marks what it counts with a column that is null elsewhere. What
 moves in each shuffle is small and fixed-size: ~150 bytes per document (id, hash, band keys) for
-exact dedup, 20 bytes per (document, band) for buckets, 16 bytes per edge per components step, and
-the signatures of duplicate candidates only. The text is read once from the input and once from
+exact dedup, at most 20 bytes per (document, band) for buckets (the map side pre-aggregates: a
+batch's documents that share a bucket key travel as one row), 16 bytes per edge per components
+step, and the signatures of duplicate candidates only. The text is read once from the input and once from
 _stages/ingest for kept/, which drops the removed documents in a map (their uids broadcast) unless
 there are too many (broadcast_uids_mb), and then in an anti-join.
 """
@@ -238,30 +240,40 @@ def exact_block(block: pa.Table) -> pa.Table:
 
 
 def lsh_band_rows(batch: pa.Table) -> pa.Table:
-    """(uid, bands) -> one (band, band_hash, uid) row per band of each document that has them."""
+    """(uid, bands) -> one (band, band_hash, uids) row per bucket key of the batch: the map-side
+    pre-aggregation of the bucket shuffle. The documents of a batch that share a key travel as one
+    row with the list of their uids, not a row each."""
     has = pc.is_valid(batch["bands"])
     keys = batch["bands"].filter(has).combine_chunks()
-    uid = batch["uid"].filter(has).to_numpy()
     per_doc = len(keys.values) // len(keys) if len(keys) else 0
+    band = np.tile(np.arange(per_doc, dtype=np.int32), len(keys))
+    key = np.asarray(keys.flatten())
+    uid = np.repeat(batch["uid"].filter(has).to_numpy(), per_doc)
+    order = np.lexsort((uid, key, band))
+    band, key, uid = band[order], key[order], uid[order]
+    first = np.flatnonzero(group_starts(band, key))
+    offsets = np.append(first, len(uid)).astype(np.int32)
     return pa.table(
         {
-            "band": np.tile(np.arange(per_doc, dtype=np.int32), len(keys)),
-            "band_hash": np.asarray(keys.flatten()),
-            "uid": np.repeat(uid, per_doc),
+            "band": band[first],
+            "band_hash": key[first],
+            "uids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(uid, pa.int64())),
         }
     )
 
 
 def bucket_block(block: pa.Table, *, max_bucket_size: int) -> pa.Table:
-    """One hash partition of (band, band_hash, uid) -> BUCKET_SCHEMA rows: a star per bucket of two
+    """One hash partition of (band, band_hash, uids) -> BUCKET_SCHEMA rows: a star per bucket of two
     or more (u = member, v = the bucket's minimum uid, n-1 edges, never a clique), deduplicated in
     the partition, and a row per bucket (u = v = root) with its size, and again under `oversized`
     when it is above `max_bucket_size`. Work and memory are linear in the bucket's size."""
     if not len(block):
         return BUCKET_SCHEMA.empty_table()
-    band = block["band"].to_numpy()
-    key = block["band_hash"].to_numpy()
-    uid = block["uid"].to_numpy()
+    uids = block["uids"].combine_chunks()
+    members = np.asarray(pc.list_value_length(uids)).astype(np.int64)
+    band = np.repeat(block["band"].to_numpy(), members)
+    key = np.repeat(block["band_hash"].to_numpy(), members)
+    uid = np.asarray(uids.flatten())
     order = np.lexsort((uid, key, band))
     band, key, uid = band[order], key[order], uid[order]
     starts = group_starts(band, key)
