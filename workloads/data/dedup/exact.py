@@ -103,12 +103,29 @@ def keepers_only(batch: pa.Table) -> pa.Table:
 # Stages, shared with the MinHash job (which runs exact dedup first)
 
 
-def reason_counts(batch: pa.Table) -> pa.Table:
-    """Rejected records -> (reject_reason, n) for this batch; the driver adds up the batches."""
-    counts = pc.value_counts(batch["reject_reason"].combine_chunks())
+def reason_counts(batch: pa.Table, *, columns: tuple[str, ...]) -> pa.Table:
+    """(column, reason, rows) for the non-null values of each of `columns` in a batch: summed on
+    the driver (`tally_reasons`), so counting needs no shuffle."""
+    cols: dict[str, list] = {"column": [], "reason": [], "rows": []}
+    for column in columns:
+        for c in pc.value_counts(batch[column].drop_null()) if batch.num_rows else []:
+            cols["column"].append(column)
+            cols["reason"].append(c["values"].as_py())
+            cols["rows"].append(c["counts"].as_py())
     return pa.table(
-        {"reject_reason": counts.field("values"), "n": counts.field("counts").cast(pa.int64())}
+        cols,
+        schema=pa.schema([("column", pa.string()), ("reason", pa.string()), ("rows", pa.int64())]),
     )
+
+
+def tally_reasons(ds, columns: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """{column: {reason: rows}} over a Dataset holding `columns`, in one pass."""
+    total: dict[str, dict[str, int]] = {c: {} for c in columns}
+    counted = ds.map_batches(reason_counts, batch_format="pyarrow", fn_kwargs={"columns": columns})
+    for r in counted.take_all():  # a row per (batch, column, reason)
+        by = total[r["column"]]
+        by[r["reason"]] = by.get(r["reason"], 0) + r["rows"]
+    return total
 
 
 def ingest_stages(
@@ -135,7 +152,6 @@ def ingest_stages(
         return {"rows": out.count_rows("_stages/ingest")}
 
     def rejects(folder: str) -> dict:
-
         bad = where(
             out.read_dataset("_stages/ingest", REJECTS_SCHEMA.names),
             lambda b: pc.is_valid(b["reject_reason"]),
@@ -143,11 +159,8 @@ def ingest_stages(
         out.write_dataset(bad, folder, REJECTS_SCHEMA)
         by_reason: dict[str, int] = {}
         if out.count_rows("rejects"):
-            counted = out.read_dataset("rejects", ["reject_reason"]).map_batches(
-                reason_counts, batch_format="pyarrow"
-            )
-            for row in counted.take_all():  # a row per (batch, reason)
-                by_reason[row["reject_reason"]] = by_reason.get(row["reject_reason"], 0) + row["n"]
+            reasons = out.read_dataset("rejects", ["reject_reason"])
+            by_reason = tally_reasons(reasons, ("reject_reason",))["reject_reason"]
         return {"by_reason": by_reason}
 
     read_rows = out.run_stage("_stages/ingest", ingest, manifest).info["rows"]

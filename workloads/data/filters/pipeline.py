@@ -45,7 +45,7 @@ from workloads.common.ray_runtime import (
     resolve_device,
 )
 from workloads.common.storage import OutputLayout
-from workloads.data.dedup.exact import KEPT_COLUMNS, REJECTS_SCHEMA
+from workloads.data.dedup.exact import KEPT_COLUMNS, REJECTS_SCHEMA, tally_reasons
 from workloads.data.dedup.minhash import MinHashConfig, ShingleConfig
 from workloads.data.dedup.minhash_lsh import ExactFirstConfig
 from workloads.data.dedup.normalize import NormalizeConfig
@@ -193,21 +193,6 @@ def start_rows(batch: pa.Table, *, max_doc_chars: int) -> pa.Table:
     too_long = pc.greater(lengths, max_doc_chars)
     reason = pc.if_else(too_long, pa.scalar("input:too_long"), pa.scalar(None, pa.string()))
     return batch.select(DOCUMENT_SCHEMA.names).append_column("drop_reason", reason)
-
-
-def reason_counts(batch: pa.Table) -> pa.Table:
-    """(column, reason, rows) for the non-null `drop_reason` and `reject_reason` values of a batch:
-    summed on the driver, so counting needs no shuffle."""
-    cols: dict[str, list] = {"column": [], "reason": [], "rows": []}
-    for column in ("drop_reason", "reject_reason"):
-        for c in pc.value_counts(batch[column].drop_null()) if batch.num_rows else []:
-            cols["column"].append(column)
-            cols["reason"].append(c["values"].as_py())
-            cols["rows"].append(c["counts"].as_py())
-    return pa.table(
-        cols,
-        schema=pa.schema([("column", pa.string()), ("reason", pa.string()), ("rows", pa.int64())]),
-    )
 
 
 _CHECKS: dict[str, Callable] = {
@@ -512,11 +497,7 @@ def run(cfg: CurateConfig) -> JobManifest:
         """Rows per drop reason and per reject reason over all segments, in one pass."""
         parts = [read(f, ["drop_reason", "reject_reason"]) for f in folders]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        total: dict[str, dict[str, int]] = {"drop_reason": {}, "reject_reason": {}}
-        for r in ds.map_batches(reason_counts, batch_format="pyarrow").take_all():
-            by = total[r["column"]]
-            by[r["reason"]] = by.get(r["reason"], 0) + r["rows"]
-        return total
+        return tally_reasons(ds, ("drop_reason", "reject_reason"))
 
     def dedup(step, name: str, source: str, schema: pa.Schema, _folder: str) -> dict:
         """Run the dedup job on `source` (live rows) into `name`/job, then mark the ids it removed
