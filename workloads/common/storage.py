@@ -101,6 +101,15 @@ def expand_input_paths(uri: str, extensions: tuple[str, ...]) -> tuple[pafs.File
 
 
 @dataclass
+class FooterStats:
+    """What a stage's Parquet footers say (`OutputLayout.footer_stats`)."""
+
+    rows: int
+    non_null: dict[str, int]  # per column: values that are not null
+    max: dict[str, Any]  # per column: the largest value (None: no values)
+
+
+@dataclass
 class StageResult:
     name: str
     path: str
@@ -220,41 +229,42 @@ class OutputLayout:
 
         return pads.dataset(self.path(name), format="parquet", filesystem=self.fs).count_rows()
 
-    def non_null(self, name: str, column: str) -> int:
-        """Non-null values of a top-level `column` in the Parquet stage `name`, from the row
-        groups' statistics in the file footers: no data is read. Stages mark what they count (a
-        removed document, a changed edge) with a column that is null everywhere else."""
-        return self._footer_stats(name, column)[0]
-
-    def max_value(self, name: str, column: str) -> Any:
-        """The largest value of a top-level `column` of the stage, from the footers (None: no
-        values)."""
-        return self._footer_stats(name, column)[1]
-
-    def _footer_stats(self, name: str, column: str) -> tuple[int, Any]:
+    def footer_stats(self, name: str, columns: list[str]) -> FooterStats:
+        """Rows of the Parquet stage `name`, and the non-null count and largest value of each of
+        its top-level `columns`, from the row groups' statistics in the file footers: each footer
+        is read once and no data is read. Stages mark what they count (a removed document, a
+        changed edge) with a column that is null everywhere else."""
         import pyarrow.compute as pc
         import pyarrow.dataset as pads
         import pyarrow.parquet as pq
 
-        non_null, maxima = 0, []
+        rows = 0
+        non_null = dict.fromkeys(columns, 0)
+        maxima: dict[str, list] = {c: [] for c in columns}
         dataset = pads.dataset(self.path(name), format="parquet", filesystem=self.fs)
         for path in dataset.files:
             with self.fs.open_input_file(path) as f:
                 meta = pq.ParquetFile(f).metadata
-            index = meta.schema.names.index(column)
+            rows += meta.num_rows
             groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-            stats = [g.column(index).statistics for g in groups]
-            if all(s is not None and s.has_null_count for s in stats):
-                non_null += sum(
-                    g.num_rows - s.null_count for g, s in zip(groups, stats, strict=True)
-                )
-                maxima += [s.max for s in stats if s.has_min_max]
-            else:  # a writer without statistics: read this file's column
-                values = pq.read_table(path, columns=[column], filesystem=self.fs)[column]
-                non_null += len(values) - values.null_count
-                if len(values) > values.null_count:
-                    maxima.append(pc.max(values).as_py())
-        return non_null, max(maxima, default=None)
+            for column in columns:
+                index = meta.schema.names.index(column)
+                stats = [g.column(index).statistics for g in groups]
+                if all(s is not None and s.has_null_count for s in stats):
+                    non_null[column] += sum(
+                        g.num_rows - s.null_count for g, s in zip(groups, stats, strict=True)
+                    )
+                    maxima[column] += [s.max for s in stats if s.has_min_max]
+                else:  # a writer without statistics: read this file's column
+                    values = pq.read_table(path, columns=[column], filesystem=self.fs)[column]
+                    non_null[column] += len(values) - values.null_count
+                    if len(values) > values.null_count:
+                        maxima[column].append(pc.max(values).as_py())
+        return FooterStats(rows, non_null, {c: max(m, default=None) for c, m in maxima.items()})
+
+    def non_null(self, name: str, column: str) -> int:
+        """Non-null values of a top-level `column` in the stage, from the footers (`footer_stats`)."""
+        return self.footer_stats(name, [column]).non_null[column]
 
     def run_stage(
         self,

@@ -133,7 +133,8 @@ def connected_components(
     def step(source, name: str):
         def produce(folder: str) -> dict:
             out.write_dataset(star_round(source(), num_partitions), folder, ROUND_SCHEMA)
-            return {"edges": out.count_rows(name), "changes": out.non_null(name, "changed")}
+            stats = out.footer_stats(name, ["changed"])
+            return {"edges": stats.rows, "changes": stats.non_null["changed"]}
 
         return produce
 

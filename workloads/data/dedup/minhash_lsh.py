@@ -23,7 +23,7 @@ Stages (Parquet under output.path; a rerun resumes at the first unfinished one):
 
 Every group-wise step is one hash shuffle (`partition.partitioned`) whose blocks a numpy function
 handles whole, not a Ray Data aggregate plus a join back. Counts come from the Parquet footers
-(`OutputLayout.non_null`): a stage marks what it counts with a column that is null elsewhere. What
+(`OutputLayout.footer_stats`): a stage marks what it counts with a column that is null elsewhere. What
 moves in each shuffle is small and fixed-size: ~150 bytes per document (id, hash, band keys) for
 exact dedup, at most 20 bytes per (document, band) for buckets (the map side pre-aggregates: a
 batch's documents that share a bucket key travel as one row), 16 bytes per edge per components
@@ -444,11 +444,11 @@ def run(cfg: MinHashDedupConfig) -> JobManifest:
                 folder,
                 EXACT_SCHEMA,
             )
-            name = "_stages/exact"
+            stats = out.footer_stats("_stages/exact", ["duplicate_of", "same_id"])
             return {
-                "rows": out.count_rows(name),
-                "removed": out.non_null(name, "duplicate_of"),
-                "same_id": out.non_null(name, "same_id"),
+                "rows": stats.rows,
+                "removed": stats.non_null["duplicate_of"],
+                "same_id": stats.non_null["same_id"],
             }
 
         exact_info = stage("_stages/exact", exact, manifest).info
@@ -486,13 +486,13 @@ def run(cfg: MinHashDedupConfig) -> JobManifest:
             folder,
             BUCKET_SCHEMA,
         )
-        name = "_stages/buckets"
-        n_buckets = out.non_null(name, "size")
+        stats = out.footer_stats("_stages/buckets", ["size", "oversized"])
+        n_buckets = stats.non_null["size"]
         return {
             "buckets": n_buckets,
-            "oversized_buckets": out.non_null(name, "oversized"),
-            "largest_bucket": out.max_value(name, "size") or 0,
-            "edges": out.count_rows(name) - n_buckets,
+            "oversized_buckets": stats.non_null["oversized"],
+            "largest_bucket": stats.max["size"] or 0,
+            "edges": stats.rows - n_buckets,
         }
 
     bucket_info = stage("_stages/buckets", buckets, manifest).info
@@ -532,9 +532,9 @@ def run(cfg: MinHashDedupConfig) -> JobManifest:
             folder,
             VERIFIED_SCHEMA,
         )
-        name = "_stages/verified"
-        n_members, n_dup = out.count_rows(name), out.non_null(name, "duplicate")
-        n_components = out.non_null(name, "keeper")
+        stats = out.footer_stats("_stages/verified", ["duplicate", "keeper"])
+        n_members, n_dup = stats.rows, stats.non_null["duplicate"]
+        n_components = stats.non_null["keeper"]
         return {
             "members": n_members,
             "components": n_components,
