@@ -18,17 +18,12 @@ import pyarrow as pa
 
 from workloads.common.manifest import JobManifest
 from workloads.common.storage import OutputLayout
-from workloads.data.dedup.partition import group_starts, partitioned
+from workloads.data.dedup.partition import flags, group_starts, partitioned
 
 EDGE_SCHEMA = pa.schema([("u", pa.int64()), ("v", pa.int64())])
 ROUND_SCHEMA = EDGE_SCHEMA.append(pa.field("changed", pa.bool_()))
 COMPONENT_SCHEMA = pa.schema([("uid", pa.int64()), ("component", pa.int64())])
 _LARGE_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("changed", pa.bool_())])
-
-
-def _changed(flags: np.ndarray) -> pa.Array:
-    """True where changed, null elsewhere: the Parquet footers then count the changes."""
-    return pa.array(np.where(flags, True, None) if len(flags) else [], pa.bool_())
 
 
 # Per-block steps (pure). Each block holds every edge of the nodes hashed to it.
@@ -81,7 +76,7 @@ def small_star(block: pa.Table) -> pa.Table:
         {
             "u": np.concatenate([a[first], b[linked]]),
             "v": np.concatenate([m, m[group][linked]]),
-            "changed": _changed(np.concatenate([changed, changed[group][linked]])),
+            "changed": flags(np.concatenate([changed, changed[group][linked]])),
         },
         schema=ROUND_SCHEMA,
     )

@@ -66,7 +66,7 @@ from workloads.data.dedup.minhash import (
     shingle_hashes,
 )
 from workloads.data.dedup.normalize import NormalizeConfig
-from workloads.data.dedup.partition import group_starts, partitioned
+from workloads.data.dedup.partition import flags, group_starts, partitioned
 
 NEAR_DUPLICATE = "near_duplicate"
 _LINE_BITS = 40  # uid = file index << 40 | line: 2^40 lines per file, 2^23 files
@@ -149,11 +149,6 @@ def ingest_schema(minhash: MinHashConfig) -> pa.Schema:
     )
 
 
-def _flags(mask: np.ndarray) -> pa.Array:
-    """True where `mask`, null elsewhere: what the stage footers count (OutputLayout.non_null)."""
-    return pa.array(np.where(mask, True, None) if len(mask) else [], pa.bool_())
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-batch logic
 
@@ -177,7 +172,7 @@ def signature_columns(
         batch.append_column("length", pc.utf8_length(text).cast(pa.int64()))
         .append_column("signature", signature)
         .append_column("bands", band_keys(signature, bands, rows))
-        .append_column("too_short", _flags(valid & ~has))
+        .append_column("too_short", flags(valid & ~has))
     )
 
 
@@ -232,7 +227,7 @@ def exact_block(block: pa.Table) -> pa.Table:
             "uid": block["uid"],
             "id": ids,
             "duplicate_of": duplicate_of,
-            "same_id": _flags(same),
+            "same_id": flags(same),
             "bands": keys,
         },
         schema=EXACT_SCHEMA,
@@ -334,8 +329,8 @@ def verify_block(block: pa.Table, *, keep: str, threshold: float, enabled: bool)
             "component": comp,
             "keeper_id": ids.take(pa.array(keeper)),
             "jaccard": jac,
-            "keeper": _flags(starts),
-            "duplicate": _flags(duplicate),
+            "keeper": flags(starts),
+            "duplicate": flags(duplicate),
         },
         schema=VERIFIED_SCHEMA,
     )

@@ -32,3 +32,9 @@ def group_starts(*keys: np.ndarray) -> np.ndarray:
             same &= k[1:] == k[:-1]
         starts[1:] = ~same
     return starts
+
+
+def flags(mask: np.ndarray) -> pa.Array:
+    """True where `mask`, null elsewhere: a column whose non-null count the stage's Parquet footers
+    hold (`OutputLayout.footer_stats`), so counting it reads no data."""
+    return pa.array(np.where(mask, True, None) if len(mask) else [], pa.bool_())
