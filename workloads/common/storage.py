@@ -197,12 +197,11 @@ class OutputLayout:
         import ray.data
         from ray.data import DataContext
 
-        folder = self.path(name)
-        files = [
+        files = sorted(
             i.path
-            for i in self.fs.get_file_info(pafs.FileSelector(folder))
+            for i in self.fs.get_file_info(pafs.FileSelector(self.path(name)))
             if i.path.endswith(".parquet")
-        ]
+        )
         if [posixpath.basename(f) for f in files] == [EMPTY_FILE]:  # written by write_dataset
             with self.fs.open_input_file(files[0]) as f:
                 empty = pq.read_table(f, columns=columns)
@@ -212,10 +211,9 @@ class OutputLayout:
         ctx.use_datasource_v2 = before and not self.task_footer_reads
         try:
             return ray.data.read_parquet(
-                folder,
+                files,  # as listed above: Ray Data need not list the folder again
                 filesystem=self.fs,
                 columns=columns,
-                file_extensions=["parquet"],
                 # A task per file, not Ray Data's 200 blocks at least: a stage's files are sized
                 # for its readers already, and split blocks cost a task each (~20 ms).
                 **({"override_num_blocks": len(files)} if self.task_footer_reads else {}),
