@@ -241,6 +241,11 @@ def scale_corpora(work: Path, copies: tuple[int, ...]) -> dict[int, Path]:
     }
 
 
+def corpus_mb(corpus: Path) -> float:
+    """Input size: the corpus's JSONL files, in MB."""
+    return sum(p.stat().st_size for p in corpus.glob("*.jsonl")) / 1e6
+
+
 def cold_run(corpus: Path, out: Path) -> dict:
     """The job's own command in a fresh process, as a user runs it: Python start, imports, a new
     local Ray and its worker processes all count."""
@@ -260,24 +265,23 @@ def cold_run(corpus: Path, out: Path) -> dict:
         capture_output=True,
     )
     wall = time.perf_counter() - start
-    mb = sum(p.stat().st_size for p in corpus.glob("*.jsonl")) / 1e6
-    return {"mb": round(mb, 1), "wall_s": round(wall, 1), "mb_s_per_core": mb / wall / 2}
+    mb = corpus_mb(corpus)
+    cpus = load_config(MinHashDedupConfig, CONFIG).ray.num_cpus or os.cpu_count()
+    return {"mb": round(mb, 1), "wall_s": round(wall, 1), "mb_s_per_core": mb / wall / cpus}
 
 
 def scale(work: Path, corpora: dict[int, Path]) -> list[dict]:
     # One untimed run first, so that every timed one finds Ray's worker processes started.
     run_job(corpora[min(corpora)], work / "out-warmup")
     rows = []
-    for k, folder in corpora.items():
-        corpus = folder.parent
-        n = k
-        mb = sum(p.stat().st_size for p in (corpus / "corpus").glob("*.jsonl")) / 1e6
+    for k, corpus in corpora.items():
+        mb = corpus_mb(corpus)
+        out = work / f"out-x{k}"
         with RssSampler() as rss:
             start = time.perf_counter()
-            _, manifest = run_job(corpus / "corpus", work / f"out-x{n}")
+            _, manifest = run_job(corpus, out)
             wall = time.perf_counter() - start
         cpus = int(__import__("ray").cluster_resources().get("CPU", 1))
-        out = work / f"out-x{n}"
         stage_bytes = {}
         for s in manifest.stages:
             folder = out / s.name
