@@ -38,6 +38,36 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def worker_port_window(size: int = 100) -> int:
+    """The first port of `size` free ports for the head's workers.
+
+    The window lies between the session's `ray.init` cluster's default worker range (10002-19999)
+    and the kernel's ephemeral range, which `free_ports` and every outgoing connection draw from:
+    a window inside the ephemeral range can hold a port that `free_ports` just handed to another
+    component of the same head (Ray refuses to start then) or that a client socket holds.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    starts = list(range(20000, low - size + 1, size))
+    if not starts:
+        raise RuntimeError(f"no room for {size} worker ports below the ephemeral range ({low})")
+    first = os.getpid() % len(starts)
+    for start in starts[first:] + starts[:first]:
+        if all(_bindable(port) for port in range(start, start + size)):
+            return start
+    raise RuntimeError(f"no {size} free ports for Ray workers between 20000 and {low}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -64,8 +94,7 @@ def ray_head(num_cpus: int = 2, **env: str) -> Iterator[RayHead]:
     """`ray start --head --block` on free ports; `env` is the environment of the head (and so of
     every worker it starts)."""
     gcs, dashboard, client, node_mgr, obj_mgr, agent, agent_grpc, metrics, rt_env = free_ports(9)
-    # A worker-port window of its own, away from the session's `ray.init` cluster's default range.
-    worker_lo = 40000 + (os.getpid() % 200) * 100
+    worker_lo = worker_port_window()
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray puts unix sockets here
     log_path = Path(temp_dir) / "ray-start.log"
     head_env = cli_env(**env)
